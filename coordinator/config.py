@@ -1,0 +1,140 @@
+"""Coordinator configuration: pydantic models parsed once, at the entry point.
+
+A bad value is a `ConfigError` whose message names the key (`federation.rounds: ...`).
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+StrategyName = Literal["fedavg", "fedprox", "fedgen"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    address: str = "127.0.0.1:50051"
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
+    chunk_bytes: int = Field(64 * 1024, ge=1024, le=4 * 1024 * 1024)
+    max_update_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Longest a PollTask may be held open.
+    max_poll_wait_s: float = Field(20.0, gt=0, le=300)
+
+
+class FederationConfig(_Section):
+    strategy: StrategyName = "fedavg"
+    rounds: int = Field(20, ge=1, le=1_000_000)
+    clients_per_round: int = Field(10, ge=1)
+    # Eligible clients needed before a round opens (defaults to clients_per_round).
+    min_clients: int | None = Field(None, ge=1)
+    # Updates needed to commit a round once its deadline passes.
+    min_completed: int = Field(1, ge=1)
+    round_timeout_s: float = Field(120.0, gt=0)
+    # A client whose last call is older than this is not sampled.
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> "FederationConfig":
+        if self.min_completed > self.clients_per_round:
+            raise ValueError(
+                f"min_completed ({self.min_completed}) exceeds clients_per_round ({self.clients_per_round})"
+            )
+        if self.min_clients is not None and self.min_clients < self.clients_per_round:
+            raise ValueError(f"min_clients ({self.min_clients}) is below clients_per_round ({self.clients_per_round})")
+        return self
+
+    @property
+    def required_clients(self) -> int:
+        return self.min_clients or self.clients_per_round
+
+
+class TrainingConfig(_Section):
+    """Local training hyper-parameters sent to clients (FedGen's official MNIST values)."""
+
+    local_steps: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    learning_rate: float = Field(0.01, gt=0, le=10)
+    # Per-round decay of the learning rate: lr = learning_rate * lr_decay**round.
+    lr_decay: float = Field(0.99, gt=0, le=1)
+    proximal_mu: float = Field(0.001, ge=0)
+
+
+class DataConfig(_Section):
+    # Folder with the standard IDX test files; "builtin" = the MNIST subset shipped in the package.
+    test_data_dir: str = "builtin"
+    n_classes: int = Field(10, ge=2, le=1000)
+    # Evaluate the global model every this many rounds (and always on the last).
+    evaluate_every: int = Field(1, ge=1)
+
+
+class AuthConfig(_Section):
+    # Tokens a device may present to Join. Empty = no enrollment possible.
+    enrollment_tokens: list[str] = Field(default_factory=lambda: ["fedgen-demo-token"])
+    # Token operators send to the Control service; None = Control needs none.
+    operator_token: str | None = None
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> "AuthConfig":
+        for token in self.enrollment_tokens:
+            if len(token) < 8:
+                raise ValueError("every enrollment token must be at least 8 characters")
+        return self
+
+
+class CoordinatorConfig(_Section):
+    state_dir: str = "fedgen-state"
+    server: ServerConfig = ServerConfig()
+    federation: FederationConfig = FederationConfig()
+    training: TrainingConfig = TrainingConfig()
+    data: DataConfig = DataConfig()
+    auth: AuthConfig = AuthConfig()
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+    return "; ".join(lines)
+
+
+def parse_config(raw: dict) -> CoordinatorConfig:
+    try:
+        return CoordinatorConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def load_config(path: Path | None, overrides: dict | None = None) -> CoordinatorConfig:
+    """Read and validate a TOML config file (None = defaults), with command-line overrides on top."""
+    if path is None:
+        return parse_config(_merge({}, overrides or {}))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    try:
+        return parse_config(_merge(raw, overrides or {}))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,189 @@
+"""A whole federation on this machine: a coordinator process and N edge-client processes.
+
+The demo, the benchmarks and the integration tests all use this, so they exercise the
+same wire a deployment does: real processes, real sockets, nothing shared in memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+
+from coordinator.config import CoordinatorConfig, parse_config
+from fedcore.data import Dataset, dirichlet_partition, label_histogram, save_shard
+from fedcore.transport import bearer_metadata, channel_options
+from fedgen.v1 import control_pb2, control_pb2_grpc
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def toml_dumps(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for our config shape (tables of scalars and lists)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def write_shards(train: Dataset, out_dir: Path, n_clients: int, alpha: float, seed: int,
+                 samples_per_class: int | None = None, test: Dataset | None = None,
+                 test_parts: list[np.ndarray] | None = None) -> tuple[list[Path], np.ndarray]:
+    """Dirichlet-partitions `train` into one shard file per client; returns paths and label histogram."""
+    parts = dirichlet_partition(train.labels, n_clients, alpha, seed, samples_per_class=samples_per_class)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, idx in enumerate(parts):
+        path = out_dir / f"client-{k:02d}.npz"
+        local_test = test.subset(test_parts[k]) if test is not None and test_parts is not None else None
+        save_shard(path, train.subset(idx), local_test)
+        paths.append(path)
+    return paths, label_histogram(train.labels, parts, int(train.labels.max()) + 1)
+
+
+@dataclass
+class LocalFederation:
+    """Owns the processes of one local federation; use as a context manager."""
+
+    config: CoordinatorConfig
+    shards: list[Path]
+    work_dir: Path
+    client_threads: int = 1
+    client_log_level: str = "WARNING"
+    extra_client_args: list[str] = field(default_factory=list)
+    coordinator_proc: subprocess.Popen[bytes] | None = None
+    client_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_coordinator(self, timeout_s: float = 60.0) -> int:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.work_dir / "coordinator.toml"
+        config_path.write_text(toml_dumps(self.config.model_dump(mode="json")))
+        port_file = self.work_dir / "coordinator.port"
+        port_file.unlink(missing_ok=True)
+        log = open(self.work_dir / "coordinator.log", "ab")
+        self.coordinator_proc = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "serve", "--config", str(config_path), "--port-file", str(port_file)],
+            stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
+        )
+        deadline = time.monotonic() + timeout_s
+        while not port_file.exists() or not port_file.read_text().strip():
+            if self.coordinator_proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {self.coordinator_proc.returncode}; "
+                                   f"see {self.work_dir / 'coordinator.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("coordinator did not report its port in time")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self.port
+
+    def start_clients(self, token: str | None = None) -> None:
+        token = token or self.config.auth.enrollment_tokens[0]
+        for k, shard in enumerate(self.shards):
+            client_id = shard.stem
+            log = open(self.work_dir / f"{client_id}.log", "ab")
+            self.client_procs.append(subprocess.Popen(
+                [sys.executable, "-m", "edge_client", "--coordinator", self.address, "--data", str(shard),
+                 "--token", token, "--client-id", client_id, "--threads", str(self.client_threads),
+                 "--cache-dir", str(self.work_dir / "cache" / client_id), "--seed", str(self.config.federation.seed + k),
+                 "--log-level", self.client_log_level, *self.extra_client_args],
+                stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
+            ))
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address, channel_options())
+
+    def control(self, channel: grpc.Channel) -> control_pb2_grpc.ControlStub:
+        return control_pb2_grpc.ControlStub(channel)
+
+    def control_metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self.config.auth.operator_token
+        return bearer_metadata(token) if token else ()
+
+    def events(self, timeout_s: float) -> Iterator[control_pb2.RoundEvent]:
+        """Round events from the Control stream until the federation finishes (or timeout)."""
+        with self.channel() as channel:
+            stub = self.control(channel)
+            yield from stub.StreamEvents(control_pb2.StreamEventsRequest(), timeout=timeout_s,
+                                         metadata=self.control_metadata())
+
+    def ledger(self) -> list[control_pb2.LedgerRow]:
+        with self.channel() as channel:
+            return list(self.control(channel).GetLedger(control_pb2.GetLedgerRequest(), timeout=30,
+                                                        metadata=self.control_metadata()).rows)
+
+    def wait_clients(self, timeout_s: float = 60.0) -> list[int | None]:
+        deadline = time.monotonic() + timeout_s
+        for proc in self.client_procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return [p.poll() for p in self.client_procs]
+
+    def close(self) -> None:
+        for proc in self.client_procs:
+            _terminate(proc)
+        if self.coordinator_proc is not None:
+            _terminate(self.coordinator_proc)
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Each process gets one core's worth of math threads; N processes share 2 cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def config_from_overrides(**sections: dict[str, Any]) -> CoordinatorConfig:
+    return parse_config({k: v for k, v in sections.items() if v})
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    return tomllib.loads(path.read_text())

@@ -1,0 +1,116 @@
+"""Building the coordinator's gRPC server, standalone or mounted on a server the user owns."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.config import CoordinatorConfig
+from coordinator.federation import Federation
+from coordinator.servicers import ControlServicer, FleetServicer
+from coordinator.store import StateStore
+from coordinator.strategy import make_strategy
+from fedcore.data import builtin_data_dir, load_idx_dataset, normalize_images
+from fedcore.transport import server_options
+from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+
+_LOGGER = logging.getLogger(__name__)
+
+FLEET_SERVICE = fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name
+CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
+
+
+def build_federation(config: CoordinatorConfig) -> Federation:
+    """The round engine with its store, strategy and held-out test set, as the config says."""
+    data_dir = builtin_data_dir() if config.data.test_data_dir == "builtin" else Path(config.data.test_data_dir)
+    test = load_idx_dataset(data_dir, "test")
+    strategy = make_strategy(config.federation.strategy, config.training)
+    store = StateStore(Path(config.state_dir))
+    return Federation(config, store, strategy, (normalize_images(test.images), test.labels))
+
+
+def add_servicers(server: grpc.aio.Server, federation: Federation) -> health.aio.HealthServicer:
+    """Adds Fleet, Control and the standard Health service to a grpc.aio server the caller built.
+
+    Use this to mount the coordinator on your own server (your interceptors, ports and
+    credentials, other services beside ours). Returns the health servicer so the caller
+    can flip serving status.
+    """
+    cfg = federation.config
+    fleet_pb2_grpc.add_FleetServicer_to_server(
+        FleetServicer(federation, cfg.server.chunk_bytes, cfg.server.max_poll_wait_s), server
+    )
+    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(federation, cfg.auth.operator_token), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return health_servicer
+
+
+@dataclass
+class RunningCoordinator:
+    server: grpc.aio.Server
+    port: int
+    federation: Federation
+    health: health.aio.HealthServicer
+    engine_task: asyncio.Task[None] | None = None
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", FLEET_SERVICE, CONTROL_SERVICE):
+            await self.health.set(name, status)
+
+    async def wait_finished(self) -> None:
+        assert self.engine_task is not None
+        await self.engine_task
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.set_serving(False)
+        if self.engine_task is not None:
+            self.engine_task.cancel()
+        await self.server.stop(grace_s)
+        self.federation.store.close()
+
+
+async def create_server(
+    address: str,
+    federation: Federation,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+) -> RunningCoordinator:
+    """Starts a standalone coordinator on `address` ("[::]:0" picks a free port) and its round engine."""
+    server = grpc.aio.server(
+        options=server_options(federation.config.server.max_message_bytes), interceptors=interceptors or ()
+    )
+    health_servicer = add_servicers(server, federation)
+    reflection.enable_server_reflection(
+        (FLEET_SERVICE, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    await server.start()
+    running = RunningCoordinator(server, port, federation, health_servicer)
+    await running.set_serving(False)  # NOT_SERVING while recovering state
+    running.engine_task = asyncio.create_task(_run_engine(running), name="round-engine")
+    _LOGGER.info("coordinator listening on port %d (federation %s)", port, federation.federation_id)
+    return running
+
+
+async def _run_engine(running: RunningCoordinator) -> None:
+    fed = running.federation
+
+    async def mark_serving_when_recovered() -> None:
+        while fed.recovering:
+            await asyncio.sleep(0.05)
+        await running.set_serving(True)
+
+    watcher = asyncio.create_task(mark_serving_when_recovered())
+    try:
+        await fed.run()
+    finally:
+        watcher.cancel()

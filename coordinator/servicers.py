@@ -1,0 +1,223 @@
+"""Thin gRPC servicers: parse, authenticate, call the round engine, map errors to status codes."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+
+from coordinator import errors, wire
+from coordinator.federation import Federation
+from fedcore.transport import DEFAULT_CHUNK_BYTES, bearer_from_metadata, wire_bytes
+from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+
+_LOGGER = logging.getLogger(__name__)
+
+_STATUS = {
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _rpc_name(fn: Callable[..., Any]) -> str:
+    return fn.__qualname__.replace("Servicer", "")
+
+
+async def _abort(context: grpc.aio.ServicerContext, name: str, err: errors.FederationError) -> None:
+    code = _STATUS[type(err)]
+    _LOGGER.info("[%s] %s: %s", name, code.name, err)
+    await context.abort(code, str(err))
+
+
+def unary_errors(fn: F) -> F:
+    """Maps domain errors of a unary or client-streaming handler to gRPC status codes."""
+    name = _rpc_name(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except errors.FederationError as err:
+            await _abort(context, name, err)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stream_errors(fn: F) -> F:
+    """Same for server-streaming handlers (async generators)."""
+    name = _rpc_name(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except errors.FederationError as err:
+            await _abort(context, name, err)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    def __init__(self, federation: Federation, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_poll_wait_s: float = 20.0):
+        self.fed = federation
+        self.chunk_bytes = chunk_bytes
+        self.max_poll_wait_s = max_poll_wait_s
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        return self.fed.authenticate(bearer_from_metadata(context.invocation_metadata()))
+
+    @unary_errors
+    async def Join(self, request: fleet_pb2.JoinRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.JoinResponse:
+        client_id, credential = await self.fed.join(
+            request.enrollment_token, wire.profile_from_proto(request.profile), request.requested_client_id
+        )
+        interval_ms = int(self.fed.config.federation.heartbeat_timeout_s * 1000 / 3)
+        return fleet_pb2.JoinResponse(client_id=client_id, credential=credential,
+                                      heartbeat_interval_ms=interval_ms, federation_id=self.fed.federation_id)
+
+    @unary_errors
+    async def PollTask(self, request: fleet_pb2.PollTaskRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.Task:
+        client_id = self._client(context)
+        wait_s = min(request.max_wait_ms / 1000, self.max_poll_wait_s)
+        task = wire.assignment_to_proto(await self.fed.poll(client_id, wait_s))
+        if task.HasField("train"):
+            self.fed.record_download(client_id, wire_bytes(task.ByteSize()))
+        return task
+
+    @stream_errors
+    async def DownloadArtifact(
+        self, request: fleet_pb2.DownloadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
+        client_id = self._client(context)
+        data = await asyncio.to_thread(self.fed.artifact_bytes, request.artifact_id)
+        if request.offset > len(data):
+            raise errors.OutOfRange(f"offset {request.offset} is beyond the artifact's {len(data)} bytes")
+        chunk = min(request.max_chunk_bytes or self.chunk_bytes, self.chunk_bytes)
+        offset = request.offset
+        while offset < len(data) or (offset == 0 and not data):
+            msg = fleet_pb2.ArtifactChunk(artifact_id=request.artifact_id, offset=offset,
+                                          data=data[offset : offset + chunk], total_size=len(data))
+            self.fed.record_download(client_id, wire_bytes(msg.ByteSize()))
+            yield msg
+            offset += chunk
+            if not data:
+                break
+
+    @unary_errors
+    async def UploadUpdate(
+        self, request_iterator: AsyncIterator[fleet_pb2.UploadMessage], context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.UploadAck:
+        client_id = self._client(context)
+        stream = request_iterator.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise errors.InvalidArgument("upload stream is empty: send an UpdateHeader first") from None
+        if not first.HasField("header"):
+            raise errors.InvalidArgument("the first upload message must be an UpdateHeader")
+        header = wire.upload_header_from_proto(first.header)
+        duplicate = self.fed.check_upload_header(client_id, header)
+        if duplicate is not None:
+            _LOGGER.info("[Fleet.UploadUpdate] duplicate upload %s from %s acknowledged again",
+                         header.idempotency_key, client_id)
+            return wire.upload_result_to_proto(duplicate)
+        received = wire_bytes(first.ByteSize())
+        parts: list[bytes] = []
+        size = 0
+        async for msg in stream:
+            if not msg.HasField("chunk"):
+                raise errors.InvalidArgument("only payload chunks may follow the UpdateHeader")
+            size += len(msg.chunk)
+            received += wire_bytes(msg.ByteSize())
+            if size > header.payload_bytes:
+                await self.fed.reject(client_id, header.round,
+                                      f"payload exceeds the declared {header.payload_bytes} bytes")
+                raise errors.InvalidArgument(f"payload exceeds the declared payload_bytes ({header.payload_bytes})")
+            parts.append(msg.chunk)
+        result = await self.fed.accept_upload(client_id, header, b"".join(parts), received)
+        return wire.upload_result_to_proto(result)
+
+    @unary_errors
+    async def Heartbeat(
+        self, request: fleet_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.HeartbeatResponse:
+        self._client(context)
+        return fleet_pb2.HeartbeatResponse(current_round=self.fed.current_round)
+
+    @unary_errors
+    async def Leave(self, request: fleet_pb2.LeaveRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.LeaveResponse:
+        client_id = self._client(context)
+        await self.fed.leave(client_id)
+        _LOGGER.info("[Fleet.Leave] %s left: %s", client_id, request.reason[:200])
+        return fleet_pb2.LeaveResponse()
+
+
+class ControlServicer(control_pb2_grpc.ControlServicer):
+    def __init__(self, federation: Federation, operator_token: str | None = None):
+        self.fed = federation
+        self.operator_token = operator_token
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self.operator_token is None:
+            return
+        token = bearer_from_metadata(context.invocation_metadata())
+        if token is None or not hmac.compare_digest(token.encode(), self.operator_token.encode()):
+            raise errors.Unauthenticated("Control needs the operator token: 'authorization: Bearer <token>'")
+
+    @unary_errors
+    async def GetStatus(self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+        self._authorize(context)
+        return wire.status_to_proto(self.fed.status())
+
+    @unary_errors
+    async def GetLedger(self, request: control_pb2.GetLedgerRequest, context: grpc.aio.ServicerContext) -> control_pb2.Ledger:
+        self._authorize(context)
+        rows = await asyncio.to_thread(self.fed.store.ledger, request.from_round)
+        return control_pb2.Ledger(rows=[wire.ledger_row_to_proto(r) for r in rows])
+
+    @stream_errors
+    async def StreamEvents(
+        self, request: control_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[control_pb2.RoundEvent]:
+        self._authorize(context)
+        queue = self.fed.subscribe()
+        try:
+            if self.fed.finished:
+                yield control_pb2.RoundEvent(kind=control_pb2.RoundEvent.KIND_FEDERATION_FINISHED,
+                                             round=self.fed.current_round, message="federation finished")
+                return
+            while True:
+                event = await queue.get()
+                yield wire.event_to_proto(event)
+                if event.kind == "finished":
+                    return
+        finally:
+            self.fed.unsubscribe(queue)
+
+    async def _control(self, action: Callable[[], Awaitable[None]], context: grpc.aio.ServicerContext) -> control_pb2.Status:
+        self._authorize(context)
+        await action()
+        return wire.status_to_proto(self.fed.status())
+
+    @unary_errors
+    async def Pause(self, request: control_pb2.PauseRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+        return await self._control(self.fed.pause, context)
+
+    @unary_errors
+    async def Resume(self, request: control_pb2.ResumeRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+        return await self._control(self.fed.resume, context)
+
+    @unary_errors
+    async def Stop(self, request: control_pb2.StopRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+        return await self._control(self.fed.stop, context)

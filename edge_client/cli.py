@@ -1,0 +1,52 @@
+"""`fedgen-client`: run one edge client against a coordinator."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from edge_client.connection import FleetCallError
+from edge_client.runner import ClientSettings, run_client
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedgen-client", description="Run a FedGen edge client.")
+    p.add_argument("--coordinator", required=True, help="coordinator address, e.g. 10.0.0.5:50051")
+    p.add_argument("--data", required=True, type=Path, help="this device's shard file (.npz from `fedgen partition`)")
+    p.add_argument("--token", required=True, help="enrollment token")
+    p.add_argument("--client-id", default="", help="stable id to join as (default: assigned by the coordinator)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default ~/.cache/fedgen/<id>)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--memory-budget-mb", type=int, default=0, help="memory this client may use (declared)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.data.exists():
+        print(f"fedgen-client: data file {args.data} does not exist", file=sys.stderr)
+        return 2
+    settings = ClientSettings(
+        coordinator=args.coordinator, enrollment_token=args.token, data_path=args.data, client_id=args.client_id,
+        cache_dir=args.cache_dir, threads=args.threads, memory_budget_mb=args.memory_budget_mb, seed=args.seed,
+    )
+    try:
+        summary = run_client(settings)
+    except FleetCallError as err:
+        print(f"fedgen-client: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    logging.getLogger("edge_client").info(
+        "finished: %d round(s) trained, %d rejected, %d B down, %d B up",
+        summary.rounds_trained, summary.updates_rejected, summary.bytes_down, summary.bytes_up,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""gRPC settings both sides share: message limits, chunking, keepalive, auth metadata.
+
+One place so the coordinator and the edge client can never disagree about limits.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+#: Largest single gRPC message either side accepts (a real limit, not gRPC's 2 GB-ish default).
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Artifact and upload chunk size: small enough for a Pi's memory, large enough to amortise framing.
+DEFAULT_CHUNK_BYTES = 64 * 1024
+#: gRPC frames every message with a 1-byte compressed flag and a 4-byte length.
+GRPC_MESSAGE_PREFIX_BYTES = 5
+#: Metadata key carrying `Bearer <credential>` (client) or `Bearer <operator token>` (Control).
+AUTH_METADATA_KEY = "authorization"
+
+
+def wire_bytes(serialized_size: int) -> int:
+    """Bytes one message occupies in the gRPC stream: payload plus the length prefix."""
+    return serialized_size + GRPC_MESSAGE_PREFIX_BYTES
+
+
+def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    return ((AUTH_METADATA_KEY, f"Bearer {secret}"),)
+
+
+def bearer_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The bearer secret in call metadata, or None when absent or malformed."""
+    for key, value in metadata or ():
+        if key == AUTH_METADATA_KEY and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip() or None
+    return None
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
+    """Options for client channels and servers alike.
+
+    Keepalive pings every 30 s keep NAT and proxy mappings alive on mobile links; pings
+    without calls are allowed because a long poll can be the only call in flight.
+    """
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
+    return channel_options(max_message_bytes) + [
+        # Accept the clients' 30 s keepalive pings instead of answering GOAWAY(too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
