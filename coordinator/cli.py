@@ -21,7 +21,7 @@ def _setup_logging(level: str) -> None:
 
 
 # ----------------------------------------------------------------------------- serve
-async def _serve(config: CoordinatorConfig, port_file: Path | None, linger_s: float) -> int:
+async def _serve(config: CoordinatorConfig, port_file: Path | None, linger_s: float, exit_when_finished: bool) -> int:
     from coordinator.server import build_federation, create_server
 
     federation = build_federation(config)
@@ -41,10 +41,14 @@ async def _serve(config: CoordinatorConfig, port_file: Path | None, linger_s: fl
             _LOGGER.error("round engine failed", exc_info=running.engine_task.exception())
             await running.stop(1.0)
             return 1
-        # Let polling clients hear DONE before the socket goes away.
-        until = time.monotonic() + linger_s
-        while time.monotonic() < until and not federation.all_told_done() and not stop.is_set():
-            await asyncio.sleep(0.1)
+        if exit_when_finished:
+            # Let polling clients hear DONE before the socket goes away.
+            until = time.monotonic() + linger_s
+            while time.monotonic() < until and not federation.all_told_done() and not stop.is_set():
+                await asyncio.sleep(0.1)
+        else:
+            _LOGGER.info("federation finished; still serving Control and DONE until stopped (SIGTERM/Ctrl-C)")
+            await stop.wait()
     stopper.cancel()
     await running.stop(5.0)
     _LOGGER.info("coordinator stopped")
@@ -63,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"fedgen serve: invalid config: {err}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_serve(config, args.port_file, args.linger_s))
+        return asyncio.run(_serve(config, args.port_file, args.linger_s, args.exit_when_finished))
     except (OSError, ValueError) as err:
         print(f"fedgen serve: {err}", file=sys.stderr)
         return 1
@@ -96,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="override server.address, e.g. 0.0.0.0:50051")
     serve.add_argument("--state-dir", type=Path, help="override state_dir")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    serve.add_argument("--linger-s", type=float, default=15.0, help="after the last round, wait this long for clients to hear DONE")
+    serve.add_argument("--exit-when-finished", action="store_true",
+                       help="exit after the last round (once clients heard DONE) instead of serving on")
+    serve.add_argument("--linger-s", type=float, default=15.0,
+                       help="with --exit-when-finished: wait at most this long for clients to hear DONE")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
 

@@ -34,7 +34,8 @@ class FederationConfig(_Section):
     strategy: StrategyName = "fedavg"
     rounds: int = Field(20, ge=1, le=1_000_000)
     clients_per_round: int = Field(10, ge=1)
-    # Eligible clients needed before a round opens (defaults to clients_per_round).
+    # Eligible clients needed before a round opens (defaults to clients_per_round); a round
+    # samples min(clients_per_round, eligible) clients.
     min_clients: int | None = Field(None, ge=1)
     # Updates needed to commit a round once its deadline passes.
     min_completed: int = Field(1, ge=1)
@@ -49,8 +50,8 @@ class FederationConfig(_Section):
             raise ValueError(
                 f"min_completed ({self.min_completed}) exceeds clients_per_round ({self.clients_per_round})"
             )
-        if self.min_clients is not None and self.min_clients < self.clients_per_round:
-            raise ValueError(f"min_clients ({self.min_clients}) is below clients_per_round ({self.clients_per_round})")
+        if self.min_clients is not None and self.min_clients < self.min_completed:
+            raise ValueError(f"min_clients ({self.min_clients}) is below min_completed ({self.min_completed})")
         return self
 
     @property

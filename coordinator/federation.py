@@ -148,6 +148,7 @@ class Federation:
         self.ledger = LedgerWriter(store.state_dir)
         self._enrollment_hashes = [_sha256(t) for t in config.auth.enrollment_tokens]
         self._clients: dict[str, ClientRecord] = {}
+        self._polling: Counter[str] = Counter()  # long polls in flight per client
         self._changed = asyncio.Condition()
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._round: OpenRound | None = None
@@ -234,14 +235,27 @@ class Federation:
         return set(self.eligible_clients()) <= self.told_done
 
     def eligible_clients(self) -> list[str]:
+        """Clients that have not left and are alive: inside a long poll now, or seen recently."""
         horizon = time.monotonic() - self.config.federation.heartbeat_timeout_s
-        return sorted(c.client_id for c in self._clients.values() if not c.left and c.last_seen >= horizon)
+        return sorted(
+            c.client_id for c in self._clients.values()
+            if not c.left and (self._polling[c.client_id] > 0 or c.last_seen >= horizon)
+        )
 
     # ------------------------------------------------------------------ tasks
     async def poll(self, client_id: str, max_wait_s: float) -> Assignment:
         """Long poll: a task as soon as there is one for this client, WAIT after max_wait_s."""
         loop = asyncio.get_running_loop()
         until = loop.time() + max_wait_s
+        self._polling[client_id] += 1
+        try:
+            return await self._poll_until(client_id, until)
+        finally:
+            self._polling[client_id] -= 1
+            self._clients[client_id].last_seen = time.monotonic()
+
+    async def _poll_until(self, client_id: str, until: float) -> Assignment:
+        loop = asyncio.get_running_loop()
         async with self._changed:
             while True:
                 self._clients[client_id].last_seen = time.monotonic()
@@ -250,7 +264,7 @@ class Federation:
                     return assignment
                 remaining = until - loop.time()
                 if remaining <= 0:
-                    return WaitAssignment(1000, self._wait_reason(client_id))
+                    return WaitAssignment(100, self._wait_reason(client_id))  # a long poll: ask again at once
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except TimeoutError:
@@ -349,6 +363,7 @@ class Federation:
             raise errors.FailedPrecondition(f"round {r.round} closed while the update was being checked")
         await asyncio.to_thread(self.store.add_update, update)
         r.accepted[client_id] = update
+        r.rejected.pop(client_id, None)  # a corrected retry within the round replaces a rejection
         _LOGGER.info("[Fleet.UploadUpdate] round %d: accepted update from %s (%d bytes)", r.round, client_id, bytes_up)
         self._emit(Event("accepted", r.round, client_id, cohort_size=len(r.cohort), updates_received=len(r.accepted)))
         await self._notify()

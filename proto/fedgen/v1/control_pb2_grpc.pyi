@@ -44,8 +44,9 @@ class ControlStub:
     finished). The stream ends when the federation finishes.
     """
     Pause: _grpc.UnaryUnaryMultiCallable[_control_pb2.PauseRequest, _control_pb2.Status]
-    """Stops opening new rounds after the current one; Resume undoes it."""
+    """Stops opening new rounds after the current one."""
     Resume: _grpc.UnaryUnaryMultiCallable[_control_pb2.ResumeRequest, _control_pb2.Status]
+    """Undoes Pause: rounds open again as soon as enough clients are eligible."""
     Stop: _grpc.UnaryUnaryMultiCallable[_control_pb2.StopRequest, _control_pb2.Status]
     """Ends the federation after the current round commits."""
 
@@ -61,8 +62,9 @@ class ControlAsyncStub(ControlStub):
     finished). The stream ends when the federation finishes.
     """
     Pause: _aio.UnaryUnaryMultiCallable[_control_pb2.PauseRequest, _control_pb2.Status]  # type: ignore[assignment]
-    """Stops opening new rounds after the current one; Resume undoes it."""
+    """Stops opening new rounds after the current one."""
     Resume: _aio.UnaryUnaryMultiCallable[_control_pb2.ResumeRequest, _control_pb2.Status]  # type: ignore[assignment]
+    """Undoes Pause: rounds open again as soon as enough clients are eligible."""
     Stop: _aio.UnaryUnaryMultiCallable[_control_pb2.StopRequest, _control_pb2.Status]  # type: ignore[assignment]
     """Ends the federation after the current round commits."""
 
@@ -99,14 +101,15 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.PauseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.Status, _abc.Awaitable[_control_pb2.Status]]:
-        """Stops opening new rounds after the current one; Resume undoes it."""
+        """Stops opening new rounds after the current one."""
 
     @_abc_1.abstractmethod
     def Resume(
         self,
         request: _control_pb2.ResumeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_control_pb2.Status, _abc.Awaitable[_control_pb2.Status]]: ...
+    ) -> _typing.Union[_control_pb2.Status, _abc.Awaitable[_control_pb2.Status]]:
+        """Undoes Pause: rounds open again as soon as enough clients are eligible."""
 
     @_abc_1.abstractmethod
     def Stop(
