@@ -257,7 +257,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)  # no wrapped tables in logs
     started = time.monotonic()
     try:
         data_dir = args.data_dir if args.data_dir is not None else shared_data_dir() / "mnist"

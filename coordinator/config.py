@@ -70,6 +70,27 @@ class TrainingConfig(_Section):
     proximal_mu: float = Field(0.001, ge=0)
 
 
+class FedGenConfig(_Section):
+    """FedGen's knobs; defaults are the official MNIST RUNCONFIGS (see shared/FEDGEN_FACTS.md)."""
+
+    # Where the generator trains: "auto" = CUDA when torch sees a GPU, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    noise: Literal["uniform", "normal"] = "uniform"
+    # "per_sample" = the paper's label weighting; "official" = the official code's broadcast.
+    teacher_weighting: Literal["per_sample", "official"] = "per_sample"
+    generator_steps: int = Field(50, ge=1, le=100_000)
+    generator_batch_size: int = Field(32, ge=2, le=65_536)
+    generator_lr: float = Field(3e-4, gt=0, le=1)
+    generator_lr_decay: float = Field(0.98, gt=0, le=1)
+    generator_weight_decay: float = Field(1e-2, ge=0)
+    diversity_eta: float = Field(1.0, ge=0)
+    # Client regulariser: coefficient_r = max(1e-4, coefficient_0 * decay**round).
+    generative_alpha: float = Field(10.0, ge=0)
+    generative_beta: float = Field(10.0, ge=0)
+    generative_decay: float = Field(0.98, gt=0, le=1)
+    gen_batch_size: int = Field(32, ge=1, le=65_536)
+
+
 class DataConfig(_Section):
     # Folder with the standard IDX test files; "builtin" = the MNIST subset shipped in the package.
     test_data_dir: str = "builtin"
@@ -97,6 +118,7 @@ class CoordinatorConfig(_Section):
     server: ServerConfig = ServerConfig()
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
+    fedgen: FedGenConfig = FedGenConfig()
     data: DataConfig = DataConfig()
     auth: AuthConfig = AuthConfig()
 

@@ -63,6 +63,7 @@ class TrainAssignment:
     model_sha256: str
     model_size: int
     label_space: tuple[int, ...]
+    extra_artifacts: tuple[dict[str, Any], ...] = ()  # {"kind", "sha256", "size"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class OpenRound:
     opened_ms: int
     deadline_ms: int
     plan: RoundPlan
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
     accepted: dict[str, StoredUpdate] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_down: Counter[str] = field(default_factory=Counter)
@@ -176,6 +178,9 @@ class Federation:
         self.global_model_sha = model_sha
         for cid, cred, profile, left in s.clients():
             self._clients[cid] = ClientRecord(cid, cred, profile, left=left is not None)
+        strategy_state = s.get_meta("strategy_state")
+        if strategy_state is not None:
+            self.strategy.load_state_bytes(s.blobs.get(strategy_state))
         rows = s.ledger()
         if rows:
             self.last_accuracy = rows[-1].get("test_accuracy", float("nan"))
@@ -285,7 +290,8 @@ class Federation:
             strategy=self.strategy.name,
             model_sha256=r.model_sha256,
             model_size=self.store.blobs.path(r.model_sha256).stat().st_size,
-            label_space=tuple(range(self.model_config.n_classes)),
+            label_space=tuple(self.strategy.label_space(self.model_config.n_classes)),
+            extra_artifacts=tuple(r.artifacts),
         )
 
     def _wait_reason(self, client_id: str) -> str:
@@ -420,7 +426,7 @@ class Federation:
                 continue
             deadline = max(stored.deadline_ms, _now_ms() + int(self.config.federation.round_timeout_s * 1000))
             r = OpenRound(stored.round, stored.attempt, stored.cohort, stored.model_sha256, stored.opened_ms,
-                          deadline, self.strategy.configure_round(stored.round))
+                          deadline, self.strategy.configure_round(stored.round), list(stored.artifacts))
             for u in self.store.updates_for(stored.round, stored.attempt):
                 r.accepted[u.client_id] = u
             await asyncio.to_thread(self.store.set_round_deadline, r.round, r.attempt, deadline)
@@ -438,12 +444,16 @@ class Federation:
         rng = random.Random(f"{fed.seed}:{round_}:{attempt}")
         cohort_ids = rng.sample(eligible, min(fed.clients_per_round, len(eligible)))
         cohort = {cid: uuid.uuid4().hex for cid in sorted(cohort_ids)}
+        artifacts = []
+        for artifact in await asyncio.to_thread(self.strategy.round_artifacts, round_):
+            digest = await asyncio.to_thread(self.store.blobs.put, artifact.data)
+            artifacts.append({"kind": artifact.kind, "sha256": digest, "size": len(artifact.data)})
         opened = _now_ms()
         deadline = opened + int(fed.round_timeout_s * 1000)
-        stored = StoredRound(round_, attempt, "open", cohort, self.global_model_sha, opened, deadline)
+        stored = StoredRound(round_, attempt, "open", cohort, self.global_model_sha, opened, deadline, artifacts)
         await asyncio.to_thread(self.store.open_round, stored)
         self._round = OpenRound(round_, attempt, cohort, self.global_model_sha, opened, deadline,
-                                self.strategy.configure_round(round_))
+                                self.strategy.configure_round(round_), artifacts)
         _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
         self._emit(Event("opened", round_, cohort_size=len(cohort)))
         await self._notify()
@@ -481,10 +491,12 @@ class Federation:
             accuracy, loss = ev.accuracy, ev.loss
         evaluate_s = time.monotonic() - t1
         row = self._ledger_row(r, wait_s, aggregate_s, evaluate_s, accuracy, loss, aggregate.extras)
-        await asyncio.to_thread(
-            self.store.commit_round, r.round, r.attempt, row,
-            {"current_round": str(r.round + 1), "global_model": model_sha},
-        )
+        row["model_sha256"] = model_sha
+        meta = {"current_round": str(r.round + 1), "global_model": model_sha}
+        strategy_state = await asyncio.to_thread(self.strategy.state_bytes)
+        if strategy_state is not None:
+            meta["strategy_state"] = await asyncio.to_thread(self.store.blobs.put, strategy_state)
+        await asyncio.to_thread(self.store.commit_round, r.round, r.attempt, row, meta)
         await asyncio.to_thread(lambda: self.ledger.write(self.store.ledger()))
         self.global_model_sha = model_sha
         self.current_round = r.round + 1
@@ -523,6 +535,13 @@ class Federation:
                 "metrics": dict(u.metrics) if u else {},
             })
         committed = _now_ms()
+        extras = dict(extras)
+        # Federated evaluation (the paper's metric): the round's incoming global model on the
+        # cohort's own label-restricted local test splits, as the clients measured it.
+        local = [(c["metrics"].get("local_test_correct"), c["metrics"].get("local_test_total")) for c in clients]
+        total = sum(t for _, t in local if t)
+        if total:
+            extras["federated_accuracy"] = sum(c for c, t in local if t) / total
         return {
             "round": r.round,
             "attempt": r.attempt,

@@ -23,6 +23,7 @@ def plot_ledger(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
     ax_bytes.set_xlabel("round")
     ax_bytes.set_ylabel("MB per round (serialized gRPC messages)")
     ax_bytes.set_title("communication per round")
+    ax_bytes.set_ylim(bottom=0)
     ax_bytes.legend()
     ax_bytes.grid(alpha=0.3)
     if title:

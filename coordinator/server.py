@@ -29,7 +29,7 @@ def build_federation(config: CoordinatorConfig) -> Federation:
     """The round engine with its store, strategy and held-out test set, as the config says."""
     data_dir = builtin_data_dir() if config.data.test_data_dir == "builtin" else Path(config.data.test_data_dir)
     test = load_idx_dataset(data_dir, "test")
-    strategy = make_strategy(config.federation.strategy, config.training)
+    strategy = make_strategy(config.federation.strategy, config.training, config.fedgen, config.federation.seed)
     store = StateStore(Path(config.state_dir))
     return Federation(config, store, strategy, (normalize_images(test.images), test.labels))
 

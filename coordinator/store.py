@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     model_sha256 TEXT NOT NULL,       -- global model the round trains from
     opened_ms INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL,
+    artifacts_json TEXT NOT NULL,     -- [{"kind", "sha256", "size"}]: extra artifacts (e.g. the generator)
     PRIMARY KEY (round, attempt)
 );
 CREATE TABLE IF NOT EXISTS updates (
@@ -81,6 +82,7 @@ class StoredRound:
     model_sha256: str
     opened_ms: int
     deadline_ms: int
+    artifacts: list[dict[str, Any]]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -193,8 +195,9 @@ class StateStore:
     # rounds
     def open_round(self, r: StoredRound) -> None:
         self._tx([(
-            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?)",
-            (r.round, r.attempt, r.status, json.dumps(r.cohort), r.model_sha256, r.opened_ms, r.deadline_ms),
+            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?)",
+            (r.round, r.attempt, r.status, json.dumps(r.cohort), r.model_sha256, r.opened_ms, r.deadline_ms,
+             json.dumps(r.artifacts)),
         )])
 
     def set_round_deadline(self, round_: int, attempt: int, deadline_ms: int) -> None:
@@ -205,7 +208,7 @@ class StateStore:
 
     def open_rounds(self) -> list[StoredRound]:
         rows = self._query("SELECT * FROM rounds WHERE status='open' ORDER BY round, attempt")
-        return [StoredRound(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+        return [StoredRound(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
     def max_attempt(self, round_: int) -> int:
         rows = self._query("SELECT MAX(attempt) FROM rounds WHERE round=?", (round_,))

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from coordinator.config import TrainingConfig
+from coordinator.config import FedGenConfig, TrainingConfig
 
 State = dict[str, np.ndarray]
 
@@ -32,6 +32,14 @@ class ClientResult:
     num_examples: int
     label_counts: Sequence[int]
     metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class RoundArtifact:
+    """Something besides the global model that every client of a round must hold."""
+
+    kind: str  # "generator_onnx"
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,21 @@ class Strategy(ABC):
     def round_params(self, round_: int) -> dict[str, float]:
         return {}
 
+    def round_artifacts(self, round_: int) -> list[RoundArtifact]:
+        """Extra artifacts for this round's clients (FedGen: the generator)."""
+        return []
+
+    def label_space(self, n_classes: int) -> list[int]:
+        """Labels clients may sample for a generator regulariser (all, unless a strategy knows better)."""
+        return list(range(n_classes))
+
+    def state_bytes(self) -> bytes | None:
+        """Strategy state that must survive a restart (FedGen: generator and optimizer), or None."""
+        return None
+
+    def load_state_bytes(self, data: bytes) -> None:
+        raise ValueError(f"strategy {self.name!r} keeps no state")
+
     @abstractmethod
     def aggregate_round(self, round_: int, results: Sequence[ClientResult], global_state: State) -> Aggregate:
         """Combine the cohort's results into the next global state."""
@@ -100,12 +123,16 @@ class FedProx(FedAvg):
         return {"proximal_mu": self.training.proximal_mu}
 
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, FedProx)}
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedgen")
 
 
-def make_strategy(name: str, training: TrainingConfig) -> Strategy:
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}") from None
-    return cls(training)
+def make_strategy(name: str, training: TrainingConfig, fedgen: FedGenConfig | None = None, seed: int = 0) -> Strategy:
+    if name == "fedavg":
+        return FedAvg(training)
+    if name == "fedprox":
+        return FedProx(training)
+    if name == "fedgen":
+        from coordinator.fedgen import FedGen  # torch-heavy generator code only when asked for
+
+        return FedGen(training, fedgen or FedGenConfig(), seed)
+    raise ValueError(f"unknown strategy {name!r}; available: {', '.join(STRATEGY_NAMES)}")

@@ -23,6 +23,7 @@ _EVENT_KINDS = {
     "finished": control_pb2.RoundEvent.KIND_FEDERATION_FINISHED,
     "joined": control_pb2.RoundEvent.KIND_CLIENT_JOINED,
 }
+_ARTIFACT_KINDS = {"generator_onnx": fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX}
 _STATES = {
     "waiting_for_clients": control_pb2.FEDERATION_STATE_WAITING_FOR_CLIENTS,
     "training": control_pb2.FEDERATION_STATE_TRAINING,
@@ -58,6 +59,10 @@ def assignment_to_proto(a: Assignment) -> fleet_pb2.Task:
                 kind=fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL, encoding=tensor_pb2.ENCODING_RAW,
             ),
             label_space=list(a.label_space),
+            extra_artifacts=[
+                fleet_pb2.ArtifactRef(artifact_id=x["sha256"], size_bytes=x["size"], kind=_ARTIFACT_KINDS[x["kind"]])
+                for x in a.extra_artifacts
+            ],
         ))
     if isinstance(a, WaitAssignment):
         return fleet_pb2.Task(wait=fleet_pb2.WaitTask(retry_after_ms=a.retry_after_ms, reason=a.reason))

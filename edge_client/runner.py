@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
+import numpy as np
 import torch
 
 from edge_client.connection import FleetCallError, FleetConnection
+from edge_client.generator_runtime import OnnxGenerator
 from edge_client.trainer import LocalTrainer, TrainPlan
 from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state, sha256_hex
 from fedcore.data import load_shard, normalize_images
@@ -77,8 +79,9 @@ def _prune_cache(cache_dir: Path) -> None:
 
 def run_client(settings: ClientSettings) -> ClientSummary:
     torch.set_num_threads(max(1, settings.threads))
-    train, _test = load_shard(settings.data_path)
+    train, test = load_shard(settings.data_path)
     trainer = LocalTrainer(normalize_images(train.images), train.labels, settings.n_classes, settings.seed)
+    local_test = (normalize_images(test.images), test.labels) if test is not None and len(test) else None
     conn = FleetConnection(settings.coordinator, call_timeout_s=settings.call_timeout_s, seed=settings.seed)
     profile = fleet_pb2.DeviceProfile(
         memory_budget_mb=settings.memory_budget_mb,
@@ -106,7 +109,7 @@ def run_client(settings: ClientSettings) -> ClientSummary:
             if kind == "wait":
                 time.sleep(min(task.wait.retry_after_ms, 5_000) / 1000)
                 continue
-            if _train_and_upload(conn, trainer, task.train, cache_dir, client_id):
+            if _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, settings.threads):
                 summary.rounds_trained += 1
             else:
                 summary.updates_rejected += 1
@@ -117,15 +120,37 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     return summary
 
 
+def _generator_for(conn: FleetConnection, task: fleet_pb2.TrainTask, cache_dir: Path,
+                   threads: int) -> OnnxGenerator | None:
+    """The round's ONNX generator when the task asks for the regulariser, else None."""
+    if task.config.params.get("regularize", 0.0) <= 0:
+        return None
+    refs = [a for a in task.extra_artifacts if a.kind == fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX]
+    if not refs:
+        raise FleetCallError(grpc.StatusCode.FAILED_PRECONDITION, "task asks for the regulariser but ships no generator")
+    return OnnxGenerator(conn.fetch_artifact(refs[0], cache_dir), threads=threads)
+
+
 def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_pb2.TrainTask,
-                      cache_dir: Path, client_id: str) -> bool:
+                      cache_dir: Path, client_id: str, local_test: tuple[np.ndarray, np.ndarray] | None,
+                      threads: int) -> bool:
     model_path = conn.fetch_artifact(task.global_model, cache_dir)
     state = decode_state(bundle_from_bytes(model_path.read_bytes()))
+    generator = _generator_for(conn, task, cache_dir, threads)
     cfg = task.config
-    plan = TrainPlan(cfg.local_steps, cfg.batch_size, cfg.learning_rate, cfg.strategy,
-                     proximal_mu=cfg.params.get("proximal_mu", 0.0))
+    plan = TrainPlan(
+        cfg.local_steps, cfg.batch_size, cfg.learning_rate, cfg.strategy,
+        proximal_mu=cfg.params.get("proximal_mu", 0.0),
+        generative_alpha=cfg.params.get("generative_alpha", 0.0),
+        generative_beta=cfg.params.get("generative_beta", 0.0),
+        gen_batch_size=int(cfg.params.get("gen_batch_size", 32)),
+        label_space=tuple(task.label_space),
+    )
     with _heartbeats(conn):
-        result = trainer.train(state, plan)
+        evaluation = trainer.evaluate(state, *local_test) if local_test is not None else None
+        result = trainer.train(state, plan, generator)
+    if evaluation is not None:
+        result.metrics["local_test_correct"], result.metrics["local_test_total"] = map(float, evaluation)
     payload = bundle_to_bytes(encode_state(result.state, EncodingSpec()))
     header = fleet_pb2.UpdateHeader(
         round=task.round, task_id=task.task_id,

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,6 +19,19 @@ class TrainPlan:
     learning_rate: float
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
+    # FedGen regulariser (used when `generator` is given to train()).
+    generative_alpha: float = 0.0
+    generative_beta: float = 0.0
+    gen_batch_size: int = 32
+    label_space: tuple[int, ...] = field(default_factory=tuple)
+
+
+class LatentGenerator(Protocol):
+    """What the trainer needs of a generator: noise and G(labels, eps) as numpy (onnxruntime)."""
+
+    def sample_noise(self, batch: int, rng: np.random.Generator) -> np.ndarray: ...
+
+    def latents(self, labels: np.ndarray, eps: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -63,9 +77,44 @@ class LocalTrainer:
         self.n_classes = n_classes
         self.model = Classifier(model_config)
         self.batches = BatchStream(len(labels), seed)
+        self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
 
-    def train(self, global_state: dict[str, np.ndarray], plan: TrainPlan) -> TrainResult:
+    def _latents(self, generator: LatentGenerator, labels: np.ndarray) -> torch.Tensor:
+        eps = generator.sample_noise(len(labels), self.rng)
+        return torch.from_numpy(generator.latents(labels, eps))
+
+    def _regulariser(self, generator: LatentGenerator, plan: TrainPlan, x_logits: torch.Tensor,
+                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FedGen's two client terms (official userpFedGen.train).
+
+        latent loss: KL(p_model(x) || softmax(head(G(y)))) on the real batch's labels, scaled by beta;
+        teacher loss: CE(head(G(y~)), y~) for labels y~ drawn uniformly from the label space, scaled by
+        alpha. Latents come from onnxruntime without gradients, so only the model learns.
+        """
+        head = self.model.head
+        with torch.no_grad():
+            target = F.softmax(head(self._latents(generator, y.numpy())), dim=1)
+        latent_loss = plan.generative_beta * F.kl_div(F.log_softmax(x_logits, dim=1), target, reduction="batchmean")
+        space = np.asarray(plan.label_space or range(self.n_classes), dtype=np.int64)
+        sampled = self.rng.choice(space, plan.gen_batch_size)
+        teacher_logits = head(self._latents(generator, sampled))
+        teacher_loss = plan.generative_alpha * F.cross_entropy(teacher_logits, torch.from_numpy(sampled))
+        return latent_loss, teacher_loss
+
+    @torch.no_grad()
+    def evaluate(self, state: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+        """(correct, total) of `state` on local data: the paper's federated evaluation."""
+        load_numpy_state(self.model, state)
+        self.model.eval()
+        correct = 0
+        for start in range(0, len(labels), 512):
+            logits = self.model(torch.from_numpy(images[start : start + 512]))
+            correct += int((logits.argmax(1) == torch.from_numpy(labels[start : start + 512])).sum())
+        return correct, len(labels)
+
+    def train(self, global_state: dict[str, np.ndarray], plan: TrainPlan,
+              generator: LatentGenerator | None = None) -> TrainResult:
         started = time.monotonic()
         load_numpy_state(self.model, global_state)
         model = self.model
@@ -74,12 +123,19 @@ class LocalTrainer:
         optimizer = torch.optim.SGD(model.parameters(), lr=plan.learning_rate)
         counts = np.zeros(self.n_classes, dtype=np.int64)
         loss_sum, correct, seen = 0.0, 0, 0
+        reg_sum = 0.0
+        gen_ratio = plan.gen_batch_size / plan.batch_size
         for _ in range(plan.local_steps):
             idx = torch.from_numpy(self.batches.next(plan.batch_size))
             x, y = self.images[idx], self.labels[idx]
             counts += np.bincount(y.numpy(), minlength=self.n_classes)[: self.n_classes]
             logits = model(x)
             loss = F.cross_entropy(logits, y)
+            if generator is not None:
+                latent_loss, teacher_loss = self._regulariser(generator, plan, logits, y)
+                regulariser = gen_ratio * teacher_loss + latent_loss
+                loss = loss + regulariser
+                reg_sum += float(regulariser.detach())
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 loss = loss + 0.5 * plan.proximal_mu * prox
@@ -93,6 +149,7 @@ class LocalTrainer:
             state=state_to_numpy(model),
             num_examples=len(self.labels),
             label_counts=counts.tolist(),
-            metrics={"loss": loss_sum / seen, "accuracy": correct / seen, "steps": float(plan.local_steps)},
+            metrics={"loss": loss_sum / seen, "accuracy": correct / seen, "steps": float(plan.local_steps),
+                     "regulariser": reg_sum / plan.local_steps},
             train_seconds=time.monotonic() - started,
         )

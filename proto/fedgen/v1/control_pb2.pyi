@@ -236,6 +236,7 @@ class LedgerRow(_message.Message):
     COMMITTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     CLIENTS_FIELD_NUMBER: _builtins.int
     EXTRAS_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     strategy: _builtins.str
     cohort_size: _builtins.int
@@ -252,11 +253,15 @@ class LedgerRow(_message.Message):
     test_loss: _builtins.float
     opened_unix_ms: _builtins.int
     committed_unix_ms: _builtins.int
+    model_sha256: _builtins.str
+    """sha256 of the global model this round committed (a blob in the state directory)."""
     @_builtins.property
     def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientRoundEntry]: ...
     @_builtins.property
     def extras(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Strategy-specific figures (e.g. generator loss and seconds for FedGen)."""
+        """Strategy-specific figures (e.g. generator loss and seconds for FedGen, and
+        federated_accuracy: the cohort's local test splits as the clients measured them).
+        """
 
     def __init__(
         self,
@@ -279,10 +284,11 @@ class LedgerRow(_message.Message):
         committed_unix_ms: _builtins.int = ...,
         clients: _abc.Iterable[Global___ClientRoundEntry] | None = ...,
         extras: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        model_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "dropped", b"dropped", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "dropped", b"dropped", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "model_sha256", b"model_sha256", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,141 @@
+"""The FedGen strategy: FedAvg aggregation plus a server-trained generator shipped as ONNX.
+
+Per round (official order, serverpFedGen.py): the cohort trains with the generator as a
+regulariser; the coordinator trains the generator against the cohort's freshly trained
+heads and label counts (all of it from the uploaded updates), averages the models,
+exports the generator to ONNX for the next round. Round 0 is plain local training.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from coordinator.config import FedGenConfig, TrainingConfig
+from coordinator.generator import (
+    Generator, GeneratorConfig, GeneratorTrainConfig, Head, make_optimizer, train_generator,
+)
+from coordinator.strategy import Aggregate, ClientResult, FedAvg, RoundArtifact, State
+from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from export.onnx_export import export_generator_onnx
+
+_LOGGER = logging.getLogger(__name__)
+
+HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+GENERATOR_ARTIFACT = "generator_onnx"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("fedgen.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class FedGen(FedAvg):
+    name = "fedgen"
+
+    def __init__(self, training: TrainingConfig, config: FedGenConfig, seed: int = 0, n_classes: int = 10) -> None:
+        super().__init__(training)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.gen_config = GeneratorConfig(n_classes=n_classes, noise=config.noise)
+        self.train_config = GeneratorTrainConfig(
+            steps=config.generator_steps, batch_size=config.generator_batch_size, learning_rate=config.generator_lr,
+            weight_decay=config.generator_weight_decay, lr_decay=config.generator_lr_decay,
+            diversity_eta=config.diversity_eta, weighting=config.teacher_weighting,
+        )
+        torch.manual_seed(seed)
+        self.generator = Generator(self.gen_config).to(self.device)
+        self.optimizer = make_optimizer(self.generator, self.train_config)
+        self.rng = np.random.default_rng(seed)
+        self.noise = torch.Generator(device=self.device).manual_seed(seed)
+        self.trained_rounds = 0
+        self.labels_seen = np.zeros(n_classes, dtype=bool)
+        self._onnx: bytes | None = None
+
+    # ------------------------------------------------------------ per round
+    def round_params(self, round_: int) -> dict[str, float]:
+        c = self.config
+        decay = c.generative_decay**round_
+        return {
+            # Official schedule: round 0 is plain local training; the regulariser from round 1 on.
+            "regularize": 1.0 if round_ > 0 and self.trained_rounds > 0 else 0.0,
+            "generative_alpha": max(1e-4, c.generative_alpha * decay),
+            "generative_beta": max(1e-4, c.generative_beta * decay),
+            "gen_batch_size": float(c.gen_batch_size),
+        }
+
+    def round_artifacts(self, round_: int) -> list[RoundArtifact]:
+        if self.trained_rounds == 0:
+            return []
+        if self._onnx is None:
+            self._onnx = export_generator_onnx(self.generator, self.gen_config.to_dict())
+        return [RoundArtifact(GENERATOR_ARTIFACT, self._onnx)]
+
+    def label_space(self, n_classes: int) -> list[int]:
+        """Labels present in any client's data so far (official: the union of the users' labels)."""
+        seen = np.flatnonzero(self.labels_seen)
+        return seen.tolist() if len(seen) else list(range(n_classes))
+
+    def aggregate_round(self, round_: int, results: Sequence[ClientResult], global_state: State) -> Aggregate:
+        started = time.monotonic()
+        heads = [Head(torch.from_numpy(r.state[HEAD_WEIGHT]), torch.from_numpy(r.state[HEAD_BIAS])) for r in results]
+        counts = [list(r.label_counts) for r in results]
+        for c in counts:
+            self.labels_seen |= np.asarray(c) > 0
+        for group in self.optimizer.param_groups:  # ExponentialLR stepped once per round, in closed form
+            group["lr"] = self.train_config.learning_rate * self.train_config.lr_decay**round_
+        step = train_generator(self.generator, self.optimizer, heads, counts, self.train_config, self.rng, self.noise)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        gen_seconds = time.monotonic() - started
+        self.trained_rounds += 1
+        t_export = time.monotonic()
+        self._onnx = export_generator_onnx(self.generator, self.gen_config.to_dict())
+        export_seconds = time.monotonic() - t_export
+        aggregate = super().aggregate_round(round_, results, global_state)
+        return Aggregate(aggregate.state, {
+            "generator_seconds": round(gen_seconds, 4),
+            "generator_export_seconds": round(export_seconds, 4),
+            "generator_teacher_loss": step.teacher_loss,
+            "generator_diversity_loss": step.diversity_loss,
+            "generator_loss": step.total_loss,
+            "generator_qualified_labels": float(step.qualified_labels),
+            "generator_onnx_bytes": float(len(self._onnx)),
+            "generator_on_cuda": 1.0 if self.device.type == "cuda" else 0.0,
+        })
+
+    # ------------------------------------------------------------ durability
+    def state_bytes(self) -> bytes:
+        """Generator weights, BN buffers and Adam moments as one TensorBundle (no pickle)."""
+        tensors: dict[str, np.ndarray] = {f"gen.{k}": v.detach().cpu().numpy()
+                                          for k, v in self.generator.state_dict().items()}
+        for i, p in enumerate(self.generator.parameters()):
+            st = self.optimizer.state.get(p)
+            if st:
+                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].detach().cpu().numpy()
+                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().numpy()
+                tensors[f"opt.{i}.step"] = np.asarray(float(st["step"]), dtype=np.float32)
+        tensors["meta.trained_rounds"] = np.asarray(self.trained_rounds, dtype=np.int64)
+        tensors["meta.labels_seen"] = self.labels_seen.astype(np.uint8)
+        return bundle_to_bytes(encode_state(tensors, EncodingSpec()))
+
+    def load_state_bytes(self, data: bytes) -> None:
+        tensors = decode_state(bundle_from_bytes(data))
+        gen = {k[4:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("gen.")}
+        self.generator.load_state_dict(gen)
+        for i, p in enumerate(self.generator.parameters()):
+            if f"opt.{i}.exp_avg" in tensors:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(tensors[f"opt.{i}.step"])),
+                    "exp_avg": torch.from_numpy(tensors[f"opt.{i}.exp_avg"]).to(self.device),
+                    "exp_avg_sq": torch.from_numpy(tensors[f"opt.{i}.exp_avg_sq"]).to(self.device),
+                }
+        self.trained_rounds = int(tensors["meta.trained_rounds"])
+        self.labels_seen = tensors["meta.labels_seen"].astype(bool)
+        self._onnx = None
