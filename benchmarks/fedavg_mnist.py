@@ -143,6 +143,7 @@ def flat_row(r: dict[str, Any]) -> dict[str, Any]:
         "evaluate_seconds": r.get("evaluate_seconds", math.nan),
         "client_train_seconds_mean": statistics.fmean(train_s) if train_s else math.nan,
         "client_train_seconds_max": max(train_s) if train_s else math.nan,
+        **{f"extra_{k}": v for k, v in sorted(r.get("extras", {}).items())},
     }
 
 
@@ -217,7 +218,10 @@ def print_tables(console: Console, rows: list[dict[str, Any]], s: dict[str, Any]
                     f"{sec(s['p90_seconds_per_round'])} / {sec(s['max_seconds_per_round'])}")
     summary.add_row("median server evaluation (10k images) s / median client training s",
                     f"{sec(s['median_evaluate_seconds'])} / {sec(s['median_client_train_seconds'])}")
-    summary.add_row("wall time (partition + start-up + all rounds)", f"{s['wall_seconds']:.1f} s")
+    if "startup_seconds" in s:
+        summary.add_row("start-up (processes launched -> round 1 opened) / rounds 1..N",
+                        f"{s['startup_seconds']:.1f} s / {s['federation_seconds']:.1f} s")
+    summary.add_row("wall time (partition, start-up, rounds, shutdown)", f"{s['wall_seconds']:.1f} s")
     console.print(summary)
 
 
@@ -279,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"work dir {out}")
     timeout_s = args.rounds * (args.round_timeout + 60) + 300
     failed = 0
+    launched_unix = time.time()
     with LocalFederation(config, shards, out, client_threads=1) as fed:
         try:
             fed.start_coordinator()
@@ -292,16 +297,23 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, TimeoutError) as err:
             console.print(f"[red]{NAME}: {err}[/red]")
             return 1
+        finished_unix = time.time()
         exit_codes = fed.wait_clients(timeout_s=60)
-        coord = fed.coordinator_proc
-        try:
-            coord_code = coord.wait(30) if coord is not None else None
-        except subprocess.TimeoutExpired:
-            coord_code = None  # still lingering; close() terminates it
+        clients_exited_s = time.time() - finished_unix
+        try:  # the coordinator's own ledger (SQLite-backed) is the source of truth; events are the live view
+            rows = [ledger_row_from_proto(r) for r in fed.ledger()] or rows
+        except grpc.RpcError as err:
+            console.print(f"[yellow]GetLedger failed ({err.code().name}); using the streamed rows[/yellow]")
+    # Leaving the block sent SIGTERM: a coordinator that stops cleanly exits 0.
+    coord_code = fed.coordinator_proc.returncode if fed.coordinator_proc is not None else None
     wall_s = time.monotonic() - started
     raw = merge_with_ledger_file(rows, out / "state")
     flat = [flat_row(r) for r in raw]
     summary = summarize(flat, wall_s, failed)
+    if raw:
+        summary["startup_seconds"] = round(raw[0]["opened_unix_ms"] / 1000 - launched_unix, 1)
+        summary["federation_seconds"] = round((raw[-1]["committed_unix_ms"] - raw[0]["opened_unix_ms"]) / 1000, 1)
+    summary["clients_exit_seconds"] = round(clients_exited_s, 1)
     print_tables(console, flat, summary,
                  f"FedAvg on MNIST: {args.clients} clients ({args.per_round}/round), alpha={args.alpha}, "
                  f"{args.local_steps} steps x {args.batch_size}, lr {args.lr}*{args.lr_decay}^t")
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"only {len(flat)} of {args.rounds} rounds committed")
     if any(c != 0 for c in exit_codes):
         problems.append(f"client exit codes {exit_codes}")
-    if coord_code not in (0, None):
+    if coord_code != 0:
         problems.append(f"coordinator exited with {coord_code}")
     if problems:
         console.print(f"[red]{NAME}: the federation did not finish cleanly: {'; '.join(problems)}; "

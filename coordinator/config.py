@@ -31,7 +31,7 @@ class ServerConfig(_Section):
 
 
 class FederationConfig(_Section):
-    strategy: StrategyName = "fedavg"
+    strategy: StrategyName = "fedgen"
     rounds: int = Field(20, ge=1, le=1_000_000)
     clients_per_round: int = Field(10, ge=1)
     # Eligible clients needed before a round opens (defaults to clients_per_round); a round

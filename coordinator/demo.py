@@ -30,14 +30,14 @@ from fedgen.v1 import control_pb2
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo = sub.add_parser("demo", help="run a whole federation on this machine with live progress")
     demo.add_argument("--data-dir", type=Path, help="IDX files (default: the MNIST subset shipped in the package)")
-    demo.add_argument("--strategy", default="fedavg", help="fedavg | fedprox | fedgen")
+    demo.add_argument("--strategy", default="fedgen", help="fedgen | fedavg | fedprox")
     demo.add_argument("--clients", type=int, default=8, help="edge-client processes")
     demo.add_argument("--per-round", type=int, default=4, help="clients sampled per round")
     demo.add_argument("--rounds", type=int, default=30)
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (smaller = more non-IID)")
     demo.add_argument("--local-steps", type=int, default=20)
     demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=0.05)
+    demo.add_argument("--lr", type=float, default=0.01, help="client SGD learning rate (FedGen official: 0.01)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the ledger, plot and logs go")
     demo.add_argument("--log-level", default="WARNING")
@@ -45,18 +45,19 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
 def _round_table(rows: list[dict[str, Any]], status: str) -> Table:
     table = Table(title=f"FedGen federation — {status}", title_justify="left")
-    for col in ("round", "clients done/sampled", "test acc", "test loss", "bytes down", "bytes up", "seconds"):
+    for col in ("round", "clients", "test acc", "local acc", "loss", "down", "up", "sec"):
         table.add_column(col, justify="right")
     for r in rows[-15:]:
         acc = r["test_accuracy"]
         table.add_row(
             str(r["round"]), f"{r['completed']}/{r['cohort_size']}",
             "—" if math.isnan(acc) else f"{100 * acc:.2f}%",
+            f"{100 * r['extras']['federated_accuracy']:.2f}%" if "federated_accuracy" in r.get("extras", {}) else "—",
             "—" if math.isnan(r["test_loss"]) else f"{r['test_loss']:.3f}",
             _fmt_bytes(r["bytes_down"]), _fmt_bytes(r["bytes_up"]), f"{r['round_seconds']:.2f}",
         )
@@ -64,7 +65,7 @@ def _round_table(rows: list[dict[str, Any]], status: str) -> Table:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(width=max(100, Console().width))
     try:
         config = load_config(None, {
             "state_dir": str(args.out / "state"),
@@ -76,6 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         })
         data_dir = args.data_dir or builtin_data_dir()
         train = load_idx_dataset(data_dir, "train")
+        test = load_idx_dataset(data_dir, "test")
     except (ConfigError, DataError) as err:
         console.print(f"[red]fedgen demo: {err}[/red]")
         return 2
@@ -84,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     if args.out.exists():
         shutil.rmtree(args.out)
-    shards, hist = write_shards(train, args.out / "shards", args.clients, args.alpha, args.seed)
+    shards, hist = write_shards(train, args.out / "shards", args.clients, args.alpha, args.seed, test=test)
     console.print(_histogram_table(hist, f"Non-IID split of {len(train)} images from {data_dir} "
                                          f"(Dirichlet alpha={args.alpha}, seed {args.seed})"))
     started = time.monotonic()

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from coordinator.config import CoordinatorConfig, parse_config
-from fedcore.data import Dataset, dirichlet_partition, label_histogram, save_shard
+from fedcore.data import Dataset, dirichlet_partition, label_histogram, label_restricted_test_split, save_shard
 from fedcore.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc
 
@@ -52,8 +52,14 @@ def toml_dumps(data: dict[str, Any]) -> str:
 def write_shards(train: Dataset, out_dir: Path, n_clients: int, alpha: float, seed: int,
                  samples_per_class: int | None = None, test: Dataset | None = None,
                  test_parts: list[np.ndarray] | None = None) -> tuple[list[Path], np.ndarray]:
-    """Dirichlet-partitions `train` into one shard file per client; returns paths and label histogram."""
+    """Dirichlet-partitions `train` into one shard file per client; returns paths and label histogram.
+
+    With `test` (and no explicit `test_parts`), each shard also gets FedGen's label-restricted
+    local test split: test images of the labels that client trains on, disjoint across clients.
+    """
     parts = dirichlet_partition(train.labels, n_clients, alpha, seed, samples_per_class=samples_per_class)
+    if test is not None and test_parts is None:
+        test_parts = label_restricted_test_split(test.labels, [train.labels[p] for p in parts], seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, idx in enumerate(parts):

@@ -11,7 +11,7 @@ from coordinator.config import ConfigError, load_config, parse_config
 
 def test_defaults_are_valid() -> None:
     cfg = parse_config({})
-    assert cfg.federation.strategy == "fedavg"
+    assert cfg.federation.strategy == "fedgen"
     assert cfg.federation.required_clients == cfg.federation.clients_per_round
 
 

@@ -1,0 +1,154 @@
+"""FedGen's generator: exact torch/onnxruntime parity, the server step, the strategy's state."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.config import FedGenConfig, TrainingConfig
+from coordinator.fedgen import FedGen
+from coordinator.generator import (
+    Generator, GeneratorConfig, GeneratorTrainConfig, Head, diversity_loss, label_weights, make_optimizer,
+    train_generator,
+)
+from coordinator.strategy import ClientResult
+from edge_client.generator_runtime import OnnxGenerator
+from edge_client.trainer import LocalTrainer, TrainPlan
+from export.generator_manifest import ManifestError
+from export.onnx_export import export_generator_onnx
+from fedcore.models import Classifier, state_to_numpy
+
+
+def _trained_generator(seed: int = 0) -> Generator:
+    torch.manual_seed(seed)
+    g = Generator()
+    opt = make_optimizer(g, GeneratorTrainConfig())
+    heads = [Head(torch.randn(10, 32), torch.randn(10)) for _ in range(3)]
+    train_generator(g, opt, heads, [[5] * 10] * 3, GeneratorTrainConfig(steps=5), np.random.default_rng(0))
+    return g.eval()
+
+
+@pytest.fixture()
+def onnx_path(tmp_path: Path) -> tuple[Generator, Path]:
+    g = _trained_generator()
+    path = tmp_path / "g.onnx"
+    path.write_bytes(export_generator_onnx(g, g.config.to_dict()))
+    return g, path
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_torch_and_onnxruntime_agree(onnx_path: tuple[Generator, Path], batch: int) -> None:
+    g, path = onnx_path
+    runtime = OnnxGenerator(path)
+    rng = np.random.default_rng(batch)
+    labels = rng.integers(0, 10, batch)
+    eps = runtime.sample_noise(batch, rng)
+    expected = g(torch.from_numpy(labels), torch.from_numpy(eps)).detach().numpy()
+    got = runtime.latents(labels, eps)
+    assert got.shape == (batch, 32)
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_manifest_travels_inside_the_artifact(onnx_path: tuple[Generator, Path]) -> None:
+    runtime = OnnxGenerator(onnx_path[1])
+    assert (runtime.n_classes, runtime.noise_dim, runtime.latent_dim, runtime.noise) == (10, 32, 32, "uniform")
+    assert runtime.manifest.opset == 17
+    with pytest.raises(ValueError, match="labels must be in"):
+        runtime.latents(np.array([10]), np.zeros((1, 32), np.float32))
+
+
+def test_corrupt_artifact_is_a_clear_error(onnx_path: tuple[Generator, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(onnx_path[1].read_bytes()[:1000])
+    with pytest.raises(ManifestError, match="cannot load generator"):
+        OnnxGenerator(bad)
+
+
+def test_generator_is_small_as_in_the_paper() -> None:
+    assert sum(p.numel() for p in Generator().parameters()) == 19_744
+
+
+def test_label_weights_normalise_over_clients() -> None:
+    qualified, w = label_weights([[3, 0, 1], [1, 0, 1]], min_samples=1)
+    assert qualified.tolist() == [0]  # label 1 nowhere, label 2 has no client with > 1 sample
+    np.testing.assert_allclose(w[0], [0.75, 0.25])
+    np.testing.assert_allclose(w[1], [0.0, 0.0])
+    np.testing.assert_allclose(w[2], [0.5, 0.5])
+
+
+def test_diversity_loss_is_one_for_collapsed_outputs() -> None:
+    eps = torch.rand(8, 32)
+    assert float(diversity_loss(eps, torch.zeros(8, 32))) == pytest.approx(1.0)
+    assert float(diversity_loss(eps, torch.randn(8, 32))) < 1.0
+
+
+@pytest.mark.parametrize("weighting", ["per_sample", "official"])
+def test_server_step_teaches_the_generator_what_heads_agree_on(weighting: str) -> None:
+    torch.manual_seed(0)
+    g = Generator()
+    cfg = GeneratorTrainConfig(weighting=weighting)  # type: ignore[arg-type]
+    opt = make_optimizer(g, cfg)
+    heads = [Head(torch.randn(10, 32), torch.zeros(10)) for _ in range(4)]
+    counts = [[30] * 10 for _ in heads]
+    before = [p.detach().clone() for p in g.parameters()]
+    rng = np.random.default_rng(0)
+    first = train_generator(g, opt, heads, counts, cfg, rng)
+    for _ in range(5):
+        last = train_generator(g, opt, heads, counts, cfg, rng)
+    assert any(not torch.equal(a, b) for a, b in zip(before, g.parameters()))
+    assert last.teacher_loss < first.teacher_loss
+    assert 0 < last.diversity_loss <= 1
+
+
+def test_server_step_rejects_mismatched_inputs() -> None:
+    g = Generator()
+    with pytest.raises(ValueError, match="one label-count vector per head"):
+        train_generator(g, make_optimizer(g, GeneratorTrainConfig()), [Head(torch.zeros(10, 32), torch.zeros(10))],
+                        [], GeneratorTrainConfig(), np.random.default_rng(0))
+
+
+def _results(n: int = 3) -> list[ClientResult]:
+    torch.manual_seed(1)
+    return [ClientResult(f"c{i}", state_to_numpy(Classifier()), 100, [10 + i] * 10, {}) for i in range(n)]
+
+
+def test_fedgen_strategy_schedule_artifacts_and_state() -> None:
+    s = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), seed=0)
+    p0 = s.configure_round(0).params
+    assert p0["regularize"] == 0.0 and s.round_artifacts(0) == []  # round 0: plain local training
+    agg = s.aggregate_round(0, _results(), {})
+    for key in ("generator_seconds", "generator_teacher_loss", "generator_diversity_loss", "generator_onnx_bytes"):
+        assert key in agg.extras
+    p3 = s.configure_round(3).params
+    assert p3["regularize"] == 1.0
+    assert p3["generative_alpha"] == pytest.approx(10 * 0.98**3)
+    (artifact,) = s.round_artifacts(1)
+    assert artifact.kind == "generator_onnx" and artifact.data[:2] == b"\x08\x08"  # an ONNX ModelProto
+
+    # A restarted coordinator restores the generator and its Adam moments exactly.
+    restored = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), seed=99)
+    restored.load_state_bytes(s.state_bytes())
+    for a, b in zip(s.generator.state_dict().values(), restored.generator.state_dict().values()):
+        assert torch.equal(a, b)
+    p = next(s.generator.parameters())
+    q = next(restored.generator.parameters())
+    assert torch.equal(s.optimizer.state[p]["exp_avg"], restored.optimizer.state[q]["exp_avg"])
+    assert restored.trained_rounds == 1
+
+
+def test_client_regulariser_is_reported_and_only_the_model_learns(onnx_path: tuple[Generator, Path]) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (64, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, 64)
+    trainer = LocalTrainer(images, labels)
+    state = state_to_numpy(Classifier())
+    plan = TrainPlan(3, 16, 0.01, "fedgen", generative_alpha=9.8, generative_beta=9.8, label_space=tuple(range(10)))
+    generator_bytes = onnx_path[1].read_bytes()
+    with_reg = trainer.train(state, plan, OnnxGenerator(onnx_path[1]))
+    assert with_reg.metrics["regulariser"] > 0
+    assert onnx_path[1].read_bytes() == generator_bytes  # the generator is frozen on the client
+    without = LocalTrainer(images, labels).train(state, plan)
+    assert without.metrics["regulariser"] == 0
+    assert not np.allclose(with_reg.state["head.weight"], without.state["head.weight"])
