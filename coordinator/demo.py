@@ -156,6 +156,7 @@ def _summary(rows: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
 
 def _print_summary(console: Console, rows: list[dict[str, Any]], elapsed: float, exit_codes: list[int | None]) -> None:
     s = _summary(rows, elapsed)
+    console.print()
     table = Table(title="Summary", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -165,8 +166,10 @@ def _print_summary(console: Console, rows: list[dict[str, Any]], elapsed: float,
     table.add_row("best test accuracy", fmt(s["best_accuracy"]))
     table.add_row("bytes down, total", _fmt_bytes(s["bytes_down_total"]))
     table.add_row("bytes up, total", _fmt_bytes(s["bytes_up_total"]))
-    if rows:
-        table.add_row("bytes down per client per round", _fmt_bytes(s["bytes_down_total"] / sum(r["completed"] for r in rows)))
+    client_rounds = sum(r["completed"] for r in rows)
+    if client_rounds:
+        table.add_row("bytes down per client per round", _fmt_bytes(s["bytes_down_total"] / client_rounds))
+        table.add_row("bytes up per client per round", _fmt_bytes(s["bytes_up_total"] / client_rounds))
     table.add_row("mean seconds per round", "—" if s["mean_round_seconds"] is None else f"{s['mean_round_seconds']:.2f}")
     table.add_row("wall time", f"{elapsed:.1f} s")
     table.add_row("client exit codes", " ".join(str(c) for c in exit_codes))

@@ -90,9 +90,13 @@ async def create_server(
     reflection.enable_server_reflection(
         (FLEET_SERVICE, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:  # grpcio raises RuntimeError for an unparsable or busy address, or returns 0
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        raise OSError(f"cannot bind server.address {address!r} (expected host:port, e.g. 0.0.0.0:50051, "
+                      "and a port that is free)")
     await server.start()
     running = RunningCoordinator(server, port, federation, health_servicer)
     await running.set_serving(False)  # NOT_SERVING while recovering state

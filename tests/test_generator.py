@@ -152,3 +152,20 @@ def test_client_regulariser_is_reported_and_only_the_model_learns(onnx_path: tup
     without = LocalTrainer(images, labels).train(state, plan)
     assert without.metrics["regulariser"] == 0
     assert not np.allclose(with_reg.state["head.weight"], without.state["head.weight"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the coordinator's GPU path)")
+def test_fedgen_trains_on_cuda_across_rounds_and_exports() -> None:
+    s = FedGen(TrainingConfig(), FedGenConfig(device="cuda"), seed=0)
+    for round_ in range(2):  # the export between rounds must not move the generator off the GPU
+        agg = s.aggregate_round(round_, _results(), {})
+        assert agg.extras["generator_on_cuda"] == 1.0
+        assert all(p.is_cuda for p in s.generator.parameters())
+    assert s.round_artifacts(2)[0].data[:2] == b"\x08\x08"
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        FedGen(TrainingConfig(), FedGenConfig(device="cuda"), seed=0)
