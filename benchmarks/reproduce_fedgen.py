@@ -488,7 +488,7 @@ def plot(curves: dict[str, Any], path: Path, title: str) -> Path:
         ax.set_ylim(max(lo, 50), 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -531,8 +531,8 @@ def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | 
     }
     json_path = write_results(name, command_line(SCRIPT, argv), rows, extra, results_dir=args.results_dir)
     png = plot(curves, args.results_dir / f"{name}.png",
-               f"{args.dataset}: FedAvg / FedProx / FedGen, 20 users (10/round), mean over seeds; "
-               f"solid = global model on 10k test, dashed = paper metric (local tests)")
+               f"{args.dataset}: FedAvg / FedProx / FedGen, 20 users (10/round), mean over seeds\n"
+               f"solid = global model on the 10k test set, dashed = paper metric (local test splits)")
     console.print(f"results: {json_path}, {json_path.with_suffix('.csv')}, {png}")
     return 0
 

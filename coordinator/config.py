@@ -21,6 +21,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsConfig(_Section):
+    """TLS for the coordinator's port; with `client_ca_file`, mutual TLS (clients need a certificate)."""
+
+    cert_file: str | None = None  # PEM certificate chain
+    key_file: str | None = None  # PEM private key
+    client_ca_file: str | None = None  # PEM CA bundle that client certificates must chain to
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path!r} is not a readable file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class ServerConfig(_Section):
     address: str = "127.0.0.1:50051"
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
@@ -28,6 +52,7 @@ class ServerConfig(_Section):
     max_update_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Longest a PollTask may be held open.
     max_poll_wait_s: float = Field(20.0, gt=0, le=300)
+    tls: TlsConfig = TlsConfig()
 
 
 class FederationConfig(_Section):

@@ -80,6 +80,11 @@ class LocalFederation:
     client_threads: int = 1
     client_log_level: str = "WARNING"
     extra_client_args: list[str] = field(default_factory=list)
+    # Where the clients connect when not straight to the coordinator (e.g. a reverse proxy).
+    client_address: str | None = None
+    # For this process's Control channel when the coordinator serves TLS.
+    control_credentials: grpc.ChannelCredentials | None = None
+    control_server_name: str = ""
     coordinator_proc: subprocess.Popen[bytes] | None = None
     client_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     port: int = 0
@@ -122,7 +127,8 @@ class LocalFederation:
             client_id = shard.stem
             log = open(self.work_dir / f"{client_id}.log", "ab")
             self.client_procs.append(subprocess.Popen(
-                [sys.executable, "-m", "edge_client", "--coordinator", self.address, "--data", str(shard),
+                [sys.executable, "-m", "edge_client", "--coordinator", self.client_address or self.address,
+                 "--data", str(shard),
                  "--token", token, "--client-id", client_id, "--threads", str(self.client_threads),
                  "--cache-dir", str(self.work_dir / "cache" / client_id), "--seed", str(self.config.federation.seed + k),
                  "--log-level", self.client_log_level, *self.extra_client_args],
@@ -130,7 +136,12 @@ class LocalFederation:
             ))
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, channel_options())
+        options = channel_options()
+        if self.control_credentials is None:
+            return grpc.insecure_channel(self.address, options)
+        if self.control_server_name:
+            options.append(("grpc.ssl_target_name_override", self.control_server_name))
+        return grpc.secure_channel(self.address, self.control_credentials, options)
 
     def control(self, channel: grpc.Channel) -> control_pb2_grpc.ControlStub:
         return control_pb2_grpc.ControlStub(channel)

@@ -16,7 +16,7 @@ from coordinator.servicers import ControlServicer, FleetServicer
 from coordinator.store import StateStore
 from coordinator.strategy import make_strategy
 from fedcore.data import builtin_data_dir, load_idx_dataset, normalize_images
-from fedcore.transport import server_options
+from fedcore.transport import server_options, server_tls_credentials
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -82,7 +82,14 @@ async def create_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
 ) -> RunningCoordinator:
-    """Starts a standalone coordinator on `address` ("[::]:0" picks a free port) and its round engine."""
+    """Starts a standalone coordinator on `address` ("[::]:0" picks a free port) and its round engine.
+
+    TLS comes from `credentials` when given, else from the config's `[server.tls]`, else none.
+    """
+    tls = federation.config.server.tls
+    if credentials is None and tls.enabled:
+        assert tls.cert_file is not None and tls.key_file is not None
+        credentials = server_tls_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
     server = grpc.aio.server(
         options=server_options(federation.config.server.max_message_bytes), interceptors=interceptors or ()
     )

@@ -20,6 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--memory-budget-mb", type=int, default=0, help="memory this client may use (declared)")
     p.add_argument("--seed", type=int, default=0)
+    tls = p.add_argument_group("TLS (default: plaintext)")
+    tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    tls.add_argument("--tls-ca", type=Path, help="PEM CA bundle that signed the coordinator's certificate (implies --tls)")
+    tls.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS (with --tls-key)")
+    tls.add_argument("--tls-key", type=Path, help="PEM client private key, for mutual TLS")
+    tls.add_argument("--tls-server-name", default="", help="name to verify the server certificate against")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -30,9 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.exists():
         print(f"fedgen-client: data file {args.data} does not exist", file=sys.stderr)
         return 2
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not path.is_file():
+            print(f"fedgen-client: {flag} {path} is not a readable file", file=sys.stderr)
+            return 2
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("fedgen-client: --tls-cert and --tls-key go together (mutual TLS)", file=sys.stderr)
+        return 2
     settings = ClientSettings(
         coordinator=args.coordinator, enrollment_token=args.token, data_path=args.data, client_id=args.client_id,
         cache_dir=args.cache_dir, threads=args.threads, memory_budget_mb=args.memory_budget_mb, seed=args.seed,
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+        use_tls=args.tls,
     )
     try:
         summary = run_client(settings)

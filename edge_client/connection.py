@@ -69,9 +69,13 @@ class FleetConnection:
     max_message_bytes: int = 4 * 1024 * 1024
     credentials: grpc.ChannelCredentials | None = None
     seed: int | None = None
+    # With TLS: check the server certificate against this name instead of the address's host.
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         options = channel_options(self.max_message_bytes)
+        if self.credentials and self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
         self._channel = (
             grpc.secure_channel(self.address, self.credentials, options)
             if self.credentials

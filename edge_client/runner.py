@@ -20,6 +20,7 @@ from edge_client.generator_runtime import OnnxGenerator
 from edge_client.trainer import LocalTrainer, TrainPlan
 from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state, sha256_hex
 from fedcore.data import load_shard, normalize_images
+from fedcore.transport import client_tls_credentials
 from fedgen.v1 import fleet_pb2, tensor_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ class ClientSettings:
     n_classes: int = 10
     seed: int = 0
     call_timeout_s: float = 30.0
+    # TLS: the CA bundle that signed the coordinator (or a proxy in front of it); a client
+    # certificate and key for mutual TLS; a name to check the server certificate against.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str = ""
+    use_tls: bool = False
 
 
 @dataclass
@@ -82,7 +90,12 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     train, test = load_shard(settings.data_path)
     trainer = LocalTrainer(normalize_images(train.images), train.labels, settings.n_classes, settings.seed)
     local_test = (normalize_images(test.images), test.labels) if test is not None and len(test) else None
-    conn = FleetConnection(settings.coordinator, call_timeout_s=settings.call_timeout_s, seed=settings.seed)
+    tls = settings.use_tls or settings.tls_ca is not None or settings.tls_cert is not None
+    conn = FleetConnection(
+        settings.coordinator, call_timeout_s=settings.call_timeout_s, seed=settings.seed,
+        credentials=client_tls_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key) if tls else None,
+        tls_server_name=settings.tls_server_name,
+    )
     profile = fleet_pb2.DeviceProfile(
         memory_budget_mb=settings.memory_budget_mb,
         supported_encodings=[tensor_pb2.ENCODING_RAW, tensor_pb2.ENCODING_FP16, tensor_pb2.ENCODING_INT8],

@@ -4,7 +4,10 @@ One place so the coordinator and the edge client can never disagree about limits
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
+
+import grpc
 
 #: Largest single gRPC message either side accepts (a real limit, not gRPC's 2 GB-ish default).
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -55,3 +58,36 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def _read_pem(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
+
+
+def client_tls_credentials(ca_file: str | Path | None, cert_file: str | Path | None = None,
+                           key_file: str | Path | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials for a channel: the CA that signed the server (None = system roots), and a
+    client certificate and key for mutual TLS."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs its key and vice versa (--tls-cert with --tls-key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca_file, "CA bundle"),
+        private_key=_read_pem(key_file, "client key"),
+        certificate_chain=_read_pem(cert_file, "client certificate"),
+    )
+
+
+def server_tls_credentials(cert_file: str | Path, key_file: str | Path,
+                           client_ca_file: str | Path | None = None) -> grpc.ServerCredentials:
+    """TLS for the server; with `client_ca_file`, clients must present a certificate it signed."""
+    cert = _read_pem(cert_file, "server certificate")
+    key = _read_pem(key_file, "server key")
+    client_ca = _read_pem(client_ca_file, "client CA bundle")
+    assert cert is not None and key is not None
+    return grpc.ssl_server_credentials(((key, cert),), root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
