@@ -28,7 +28,7 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def toml_dumps(data: dict[str, Any]) -> str:
-    """Minimal TOML writer for our config shape (tables of scalars and lists)."""
+    """Minimal TOML writer for our config shape (nested tables of scalars and lists)."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -41,12 +41,15 @@ def toml_dumps(data: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    def table(prefix: str, data: dict[str, Any]) -> list[str]:
+        lines = [f"\n[{prefix}]"] if prefix else []
+        lines += [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+        for key, sub in data.items():
+            if isinstance(sub, dict):
+                lines += table(f"{prefix}.{key}" if prefix else key, sub)
+        return lines
+
+    return "\n".join(table("", data)) + "\n"
 
 
 def write_shards(train: Dataset, out_dir: Path, n_clients: int, alpha: float, seed: int,
