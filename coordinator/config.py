@@ -4,6 +4,7 @@ A bad value is a `ConfigError` whose message names the key (`federation.rounds: 
 """
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -124,18 +125,45 @@ class DataConfig(_Section):
     evaluate_every: int = Field(1, ge=1)
 
 
+_SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
 class AuthConfig(_Section):
-    # Tokens a device may present to Join. Empty = no enrollment possible.
+    """Who may join and who may operate. Secrets may be given as their sha256 (hex) instead, so
+    the config file need not hold them; the coordinator only ever keeps the hashes in memory."""
+
+    # Tokens a device may present to Join. Empty (and no hashes) = no enrollment possible.
     enrollment_tokens: list[str] = Field(default_factory=lambda: ["fedgen-demo-token"])
-    # Token operators send to the Control service; None = Control needs none.
+    enrollment_token_sha256: list[str] = Field(default_factory=list)
+    # Token operators send to the Control service; None (and no hash) = Control needs none.
     operator_token: str | None = None
+    operator_token_sha256: str | None = Field(None, pattern=_SHA256_HEX)
+    # Per-client request rate on Fleet (token bucket): sustained calls per second and burst.
+    # Over it: RESOURCE_EXHAUSTED. 0 = no limit.
+    client_requests_per_second: float = Field(20.0, ge=0)
+    client_burst: int = Field(60, ge=1)
 
     @model_validator(mode="after")
     def _check_tokens(self) -> "AuthConfig":
         for token in self.enrollment_tokens:
             if len(token) < 8:
                 raise ValueError("every enrollment token must be at least 8 characters")
+        for digest in self.enrollment_token_sha256:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"enrollment_token_sha256 entries must be 64 lowercase hex digits (got {digest!r})")
+        if self.operator_token is not None and len(self.operator_token) < 8:
+            raise ValueError("operator_token must be at least 8 characters")
+        if self.operator_token is not None and self.operator_token_sha256 is not None:
+            raise ValueError("give operator_token or operator_token_sha256, not both")
         return self
+
+    def enrollment_hashes(self) -> list[str]:
+        return [hashlib.sha256(t.encode()).hexdigest() for t in self.enrollment_tokens] + self.enrollment_token_sha256
+
+    def operator_hash(self) -> str | None:
+        if self.operator_token is not None:
+            return hashlib.sha256(self.operator_token.encode()).hexdigest()
+        return self.operator_token_sha256
 
 
 class CoordinatorConfig(_Section):

@@ -148,7 +148,7 @@ class Federation:
         self.model_config = model_config
         self.spec = state_spec(Classifier(model_config))
         self.ledger = LedgerWriter(store.state_dir)
-        self._enrollment_hashes = [_sha256(t) for t in config.auth.enrollment_tokens]
+        self._enrollment_hashes = config.auth.enrollment_hashes()
         self._clients: dict[str, ClientRecord] = {}
         self._polling: Counter[str] = Counter()  # long polls in flight per client
         self._changed = asyncio.Condition()

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.auth import AuthInterceptor, RateLimiter
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.servicers import ControlServicer, FleetServicer
@@ -34,20 +35,33 @@ def build_federation(config: CoordinatorConfig) -> Federation:
     return Federation(config, store, strategy, (normalize_images(test.images), test.labels))
 
 
-def add_servicers(server: grpc.aio.Server, federation: Federation) -> health.aio.HealthServicer:
-    """Adds Fleet, Control and the standard Health service to a grpc.aio server the caller built.
+def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors the coordinator's services rely on (credentials, operator token, rate limits).
 
-    Use this to mount the coordinator on your own server (your interceptors, ports and
-    credentials, other services beside ours). Returns the health servicer so the caller
-    can flip serving status.
+    Pass them to `grpc.aio.server(interceptors=[*yours, *coordinator_interceptors(fed)])` when you
+    mount the coordinator on your own server; calls to your other services pass through untouched.
+    """
+    auth = federation.config.auth
+    limiter = RateLimiter(auth.client_requests_per_second, auth.client_burst)
+    return [AuthInterceptor(federation, auth.operator_hash(), limiter)]
+
+
+def add_servicers(server: grpc.aio.Server, federation: Federation,
+                  health_servicer: health.aio.HealthServicer | None = None) -> health.aio.HealthServicer:
+    """Adds Fleet and Control (and, unless you pass your own, grpc.health.v1.Health) to a server.
+
+    Use this to mount the coordinator on a grpc.aio server you built (your interceptors, ports and
+    credentials, other services beside ours); see `mount`. Returns the health servicer, whose
+    Fleet/Control entries the coordinator flips between SERVING and NOT_SERVING.
     """
     cfg = federation.config
     fleet_pb2_grpc.add_FleetServicer_to_server(
         FleetServicer(federation, cfg.server.chunk_bytes, cfg.server.max_poll_wait_s), server
     )
-    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(federation, cfg.auth.operator_token), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(federation, cfg.auth.operator_hash()), server)
+    if health_servicer is None:
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return health_servicer
 
 
@@ -59,21 +73,49 @@ class RunningCoordinator:
     health: health.aio.HealthServicer
     engine_task: asyncio.Task[None] | None = None
 
+    # Whether this object owns the server (create_server) or only rides on it (mount).
+    owns_server: bool = True
+
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", FLEET_SERVICE, CONTROL_SERVICE):
+        for name in ("", FLEET_SERVICE, CONTROL_SERVICE) if self.owns_server else (FLEET_SERVICE, CONTROL_SERVICE):
             await self.health.set(name, status)
+
+    async def start_engine(self) -> None:
+        """Starts the round engine (after the server has started); NOT_SERVING until state is recovered."""
+        await self.set_serving(False)
+        self.engine_task = asyncio.create_task(_run_engine(self), name="round-engine")
 
     async def wait_finished(self) -> None:
         assert self.engine_task is not None
         await self.engine_task
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """NOT_SERVING first (load balancers drain), then stop the engine; a server we own stops
+        with `grace_s` for calls in flight (uploads included) to finish."""
         await self.set_serving(False)
         if self.engine_task is not None:
             self.engine_task.cancel()
-        await self.server.stop(grace_s)
+        if self.owns_server:
+            await self.server.stop(grace_s)
         self.federation.store.close()
+
+
+async def mount(server: grpc.aio.Server, federation: Federation,
+                health_servicer: health.aio.HealthServicer | None = None) -> RunningCoordinator:
+    """Mounts the coordinator on a server you built and will start yourself.
+
+        server = grpc.aio.server(interceptors=[my_interceptor, *coordinator_interceptors(fed)])
+        running = await mount(server, fed)          # Fleet, Control (+ Health unless you pass yours)
+        my_pb2_grpc.add_MyServiceServicer_to_server(..., server)
+        port = server.add_secure_port(address, my_credentials)
+        await server.start()
+        await running.start_engine()
+        ...
+        await running.stop()                          # your server keeps running
+    """
+    health_servicer = add_servicers(server, federation, health_servicer)
+    return RunningCoordinator(server, 0, federation, health_servicer, owns_server=False)
 
 
 async def create_server(
@@ -91,7 +133,8 @@ async def create_server(
         assert tls.cert_file is not None and tls.key_file is not None
         credentials = server_tls_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
     server = grpc.aio.server(
-        options=server_options(federation.config.server.max_message_bytes), interceptors=interceptors or ()
+        options=server_options(federation.config.server.max_message_bytes),
+        interceptors=[*(interceptors or ()), *coordinator_interceptors(federation)],
     )
     health_servicer = add_servicers(server, federation)
     reflection.enable_server_reflection(
@@ -106,8 +149,7 @@ async def create_server(
                       "and a port that is free)")
     await server.start()
     running = RunningCoordinator(server, port, federation, health_servicer)
-    await running.set_serving(False)  # NOT_SERVING while recovering state
-    running.engine_task = asyncio.create_task(_run_engine(running), name="round-engine")
+    await running.start_engine()
     _LOGGER.info("coordinator listening on port %d (federation %s)", port, federation.federation_id)
     return running
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
 from coordinator import errors, wire
+from coordinator.auth import check_operator
 from coordinator.federation import Federation
 from fedcore.transport import DEFAULT_CHUNK_BYTES, bearer_from_metadata, wire_bytes
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
@@ -164,16 +164,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
 
 class ControlServicer(control_pb2_grpc.ControlServicer):
-    def __init__(self, federation: Federation, operator_token: str | None = None):
+    def __init__(self, federation: Federation, operator_token_sha256: str | None = None):
         self.fed = federation
-        self.operator_token = operator_token
+        self.operator_token_sha256 = operator_token_sha256
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self.operator_token is None:
-            return
-        token = bearer_from_metadata(context.invocation_metadata())
-        if token is None or not hmac.compare_digest(token.encode(), self.operator_token.encode()):
-            raise errors.Unauthenticated("Control needs the operator token: 'authorization: Bearer <token>'")
+        check_operator(self.operator_token_sha256, bearer_from_metadata(context.invocation_metadata()))
 
     @unary_errors
     async def GetStatus(self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
