@@ -309,9 +309,19 @@ class Federation:
         if r is not None and client_id in r.cohort:
             r.bytes_down[client_id] += nbytes
 
+    def published_artifacts(self) -> set[str]:
+        """What a client may download: the global model and the open round's artifacts. Never
+        another client's update, nor anything else in the store."""
+        ids = {self.global_model_sha}
+        r = self._round
+        if r is not None:
+            ids.add(r.model_sha256)
+            ids.update(a["sha256"] for a in r.artifacts)
+        return ids
+
     def artifact_bytes(self, artifact_id: str) -> bytes:
-        if not self.store.blobs.has(artifact_id):
-            raise errors.NotFound(f"artifact {artifact_id!r} not found")
+        if artifact_id not in self.published_artifacts() or not self.store.blobs.has(artifact_id):
+            raise errors.NotFound(f"artifact {artifact_id[:80]!r} not found")
         return self.store.blobs.get(artifact_id)
 
     # ---------------------------------------------------------------- uploads

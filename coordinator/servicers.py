@@ -39,6 +39,11 @@ async def _abort(context: grpc.aio.ServicerContext, name: str, err: errors.Feder
     await context.abort(code, str(err))
 
 
+async def _internal(context: grpc.aio.ServicerContext, name: str) -> None:
+    _LOGGER.exception("[%s] unexpected error", name)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator (logged there)")
+
+
 def unary_errors(fn: F) -> F:
     """Maps domain errors of a unary or client-streaming handler to gRPC status codes."""
     name = _rpc_name(fn)
@@ -49,6 +54,10 @@ def unary_errors(fn: F) -> F:
             return await fn(self, request, context)
         except errors.FederationError as err:
             await _abort(context, name, err)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # a bug: log it whole, tell the caller nothing about our internals
+            await _internal(context, name)
 
     return wrapper  # type: ignore[return-value]
 
@@ -64,6 +73,10 @@ def stream_errors(fn: F) -> F:
                 yield item
         except errors.FederationError as err:
             await _abort(context, name, err)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _internal(context, name)
 
     return wrapper  # type: ignore[return-value]
 

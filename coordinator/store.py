@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -109,6 +110,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 class BlobStore:
     """Content-addressed files: blobs/<sha256[:2]>/<sha256>. Verified on read."""
 
@@ -116,7 +120,14 @@ class BlobStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
+    @staticmethod
+    def is_digest(digest: str) -> bool:
+        """Only 64 lowercase hex digits name a blob: anything else could walk out of the store."""
+        return _SHA256_HEX.fullmatch(digest) is not None
+
     def path(self, digest: str) -> Path:
+        if not self.is_digest(digest):
+            raise ValueError(f"not a sha256 digest: {digest[:80]!r}")
         return self.root / digest[:2] / digest
 
     def put(self, data: bytes) -> str:
@@ -127,7 +138,7 @@ class BlobStore:
         return digest
 
     def has(self, digest: str) -> bool:
-        return len(digest) == 64 and self.path(digest).exists()
+        return self.is_digest(digest) and self.path(digest).exists()
 
     def get(self, digest: str) -> bytes:
         data = self.path(digest).read_bytes()

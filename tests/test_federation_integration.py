@@ -173,6 +173,9 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = _code(lambda: bad.download(task.global_model.artifact_id, offset=len(model_bytes) + 1))
     assert code == grpc.StatusCode.OUT_OF_RANGE
+    # An id that is a path, padded to 64 characters, must not walk out of the blob store.
+    code, _ = _code(lambda: bad.download("/" + "./" * 26 + "etc//passwd"))
+    assert code == grpc.StatusCode.NOT_FOUND
 
     # A resumed download: the first chunk, then the rest from its offset.
     dup_task = dup.poll_train()
@@ -180,9 +183,13 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
     rest = dup.download(dup_task.global_model.artifact_id, offset=len(first.data))
     assert first.data + b"".join(c.data for c in rest) == model_bytes
     # The same upload twice with one idempotency key: acknowledged twice, counted once.
-    ack1 = dup.upload(dup_task, payload(good), "dup-key", num_examples=50)
-    ack2 = dup.upload(dup_task, payload(good), "dup-key", num_examples=50)
+    update = {k: v * 0.9 if v.dtype.kind == "f" else v for k, v in good.items()}  # not the global model's bytes
+    ack1 = dup.upload(dup_task, payload(update), "dup-key", num_examples=50)
+    ack2 = dup.upload(dup_task, payload(update), "dup-key", num_examples=50)
     assert ack1.accepted and not ack1.duplicate and ack2.duplicate and ack2.received_bytes == ack1.received_bytes
+    # Another client's update is in the store, but it is not published: nobody can download it.
+    code, _ = _code(lambda: bad.download(hashlib.sha256(payload(update)).hexdigest()))
+    assert code == grpc.StatusCode.NOT_FOUND
 
     silent.poll_train()  # takes the task, never answers: dropped at the deadline
 
