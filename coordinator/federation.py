@@ -390,7 +390,9 @@ class Federation:
             raise UpdateRejected(f"payload has {len(payload)} bytes, header declared {header.payload_bytes}")
         if hashlib.sha256(payload).hexdigest() != header.payload_sha256.lower():
             raise UpdateRejected("payload sha256 does not match the header's payload_sha256")
-        validate_counts(header.num_examples, header.label_counts, self.model_config.n_classes)
+        plan = self._round.plan if self._round is not None else None
+        validate_counts(header.num_examples, header.label_counts, self.model_config.n_classes,
+                        plan.local_steps * plan.batch_size if plan is not None else None)
         for key, value in header.metrics.items():
             if not np.isfinite(value):
                 raise UpdateRejected(f"metric {key!r} is not finite")

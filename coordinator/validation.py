@@ -34,7 +34,10 @@ def validate_state(state: State, spec: Spec) -> None:
             raise UpdateRejected(f"update tensor {key!r} has {bad} non-finite value(s) (NaN or Inf)")
 
 
-def validate_counts(num_examples: int, label_counts: Sequence[int], n_classes: int) -> None:
+def validate_counts(num_examples: int, label_counts: Sequence[int], n_classes: int,
+                    max_trained: int | None = None) -> None:
+    """`label_counts` are what the client trained on this round: at most `max_trained`
+    (local steps x batch size of its task) in all, and at least one."""
     if num_examples <= 0:
         raise UpdateRejected(f"num_examples must be positive, got {num_examples}")
     if num_examples > MAX_NUM_EXAMPLES:
@@ -43,3 +46,10 @@ def validate_counts(num_examples: int, label_counts: Sequence[int], n_classes: i
         raise UpdateRejected(f"label_counts has {len(label_counts)} entries, expected {n_classes} (one per label)")
     if sum(label_counts) > MAX_NUM_EXAMPLES:
         raise UpdateRejected(f"label_counts sum to {sum(label_counts)}, above the limit {MAX_NUM_EXAMPLES}")
+    total = sum(label_counts)
+    if total == 0:
+        raise UpdateRejected("label_counts are all zero: the update says it trained on no example")
+    if max_trained is not None and total > max_trained:
+        raise UpdateRejected(
+            f"label_counts sum to {total}, more than the {max_trained} examples the task's local steps x batch size allow"
+        )

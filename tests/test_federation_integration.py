@@ -153,6 +153,8 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
     # Bad counts and a digest that does not match.
     code, msg = _code(lambda: bad.upload(task, payload(good), "k5", num_examples=0))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "num_examples" in msg
+    code, msg = _code(lambda: bad.upload(task, payload(good), "k5b", label_counts=[100] * 10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "label_counts sum to 1000, more than the 640" in msg
     code, msg = _code(lambda: bad.upload(task, payload(good), "k6", payload_sha256="0" * 64))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sha256" in msg
     code, msg = _code(lambda: bad.upload(task, b"\xff\x00garbage", "k7"))

@@ -72,3 +72,11 @@ def test_validate_counts() -> None:
     for n, counts, needle in [(0, [1] * 10, "positive"), (10**9, [1] * 10, "exceeds"), (5, [1] * 9, "9 entries")]:
         with pytest.raises(UpdateRejected, match=needle):
             validate_counts(n, counts, 10)
+
+
+def test_label_counts_must_fit_what_the_task_let_the_client_train() -> None:
+    validate_counts(5000, [64] * 10, 10, max_trained=640)
+    with pytest.raises(UpdateRejected, match="all zero"):
+        validate_counts(10, [0] * 10, 10, max_trained=640)
+    with pytest.raises(UpdateRejected, match="sum to 650, more than the 640 examples"):
+        validate_counts(5000, [65] * 10, 10, max_trained=640)
