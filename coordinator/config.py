@@ -142,6 +142,9 @@ class AuthConfig(_Section):
     # Over it: RESOURCE_EXHAUSTED. 0 = no limit.
     client_requests_per_second: float = Field(20.0, ge=0)
     client_burst: int = Field(60, ge=1)
+    # A client credential is refused this long after it was issued (the client joins again by
+    # itself, with its enrollment token). 0 = credentials never expire.
+    credential_ttl_s: float = Field(86_400.0, ge=0)
 
     @model_validator(mode="after")
     def _check_tokens(self) -> "AuthConfig":

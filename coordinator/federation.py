@@ -51,6 +51,7 @@ class ClientRecord:
     profile: dict[str, Any]
     last_seen: float = 0.0  # time.monotonic() of the last authenticated call
     left: bool = False
+    issued_ms: int = 0  # wall clock when the credential was issued (it survives restarts)
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,8 @@ class Federation:
         else:
             _LOGGER.info("resuming federation %s at round %d", self.federation_id, self.current_round)
         self.global_model_sha = model_sha
-        for cid, cred, profile, left in s.clients():
-            self._clients[cid] = ClientRecord(cid, cred, profile, left=left is not None)
+        for cid, cred, profile, left, issued_ms in s.clients():
+            self._clients[cid] = ClientRecord(cid, cred, profile, left=left is not None, issued_ms=issued_ms)
         strategy_state = s.get_meta("strategy_state")
         if strategy_state is not None:
             self.strategy.load_state_bytes(s.blobs.get(strategy_state))
@@ -209,8 +210,9 @@ class Federation:
             client_id = f"client-{uuid.uuid4().hex[:10]}"
         credential = f"{client_id}.{secrets.token_urlsafe(24)}"
         cred_hash = _sha256(credential)
-        await asyncio.to_thread(self.store.upsert_client, client_id, cred_hash, profile, _now_ms())
-        record = ClientRecord(client_id, cred_hash, profile, last_seen=time.monotonic())
+        issued_ms = _now_ms()
+        await asyncio.to_thread(self.store.upsert_client, client_id, cred_hash, profile, issued_ms)
+        record = ClientRecord(client_id, cred_hash, profile, last_seen=time.monotonic(), issued_ms=issued_ms)
         self._clients[client_id] = record
         _LOGGER.info("[Fleet.Join] %s joined (%s)", client_id, profile.get("platform", "?"))
         self._emit(Event("joined", self.current_round, client_id=client_id))
@@ -227,6 +229,9 @@ class Federation:
             raise errors.Unauthenticated("unknown client or bad credential")
         if record.left:
             raise errors.Unauthenticated(f"client {client_id} has left the federation; join again")
+        if self._expired(record):
+            raise errors.Unauthenticated(
+                f"credential of {client_id} expired (older than {self.config.auth.credential_ttl_s:g} s); join again")
         record.last_seen = time.monotonic()
         return client_id
 
@@ -240,12 +245,17 @@ class Federation:
         return set(self.eligible_clients()) <= self.told_done
 
     def eligible_clients(self) -> list[str]:
-        """Clients that have not left and are alive: inside a long poll now, or seen recently."""
+        """Clients that have not left, hold a valid credential and are alive: inside a long poll
+        now, or seen recently."""
         horizon = time.monotonic() - self.config.federation.heartbeat_timeout_s
         return sorted(
             c.client_id for c in self._clients.values()
-            if not c.left and (self._polling[c.client_id] > 0 or c.last_seen >= horizon)
+            if not c.left and not self._expired(c) and (self._polling[c.client_id] > 0 or c.last_seen >= horizon)
         )
+
+    def _expired(self, record: ClientRecord) -> bool:
+        ttl_s = self.config.auth.credential_ttl_s
+        return ttl_s > 0 and _now_ms() - record.issued_ms > ttl_s * 1000
 
     # ------------------------------------------------------------------ tasks
     async def poll(self, client_id: str, max_wait_s: float) -> Assignment:

@@ -199,9 +199,11 @@ class StateStore:
     def mark_left(self, client_id: str, now_ms: int) -> None:
         self._tx([("UPDATE clients SET left_ms=? WHERE client_id=?", (now_ms, client_id))])
 
-    def clients(self) -> Iterator[tuple[str, str, dict[str, Any], int | None]]:
-        for cid, cred, profile, left in self._query("SELECT client_id, credential_sha256, profile_json, left_ms FROM clients"):
-            yield cid, cred, json.loads(profile), left
+    def clients(self) -> Iterator[tuple[str, str, dict[str, Any], int | None, int]]:
+        """(client_id, credential_sha256, profile, left_ms, joined_ms = when the credential was issued)."""
+        for cid, cred, profile, left, joined in self._query(
+                "SELECT client_id, credential_sha256, profile_json, left_ms, joined_ms FROM clients"):
+            yield cid, cred, json.loads(profile), left, joined
 
     # rounds
     def open_round(self, r: StoredRound) -> None:

@@ -105,28 +105,33 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     client_id = conn.join(settings.enrollment_token, profile, settings.client_id)
     cache_dir = settings.cache_dir or Path.home() / ".cache" / "fedgen" / client_id
     summary = ClientSummary(client_id)
+    refused_in_a_row = 0
     try:
         while True:
             try:
                 task = conn.poll(settings.poll_wait_s)
-            except FleetCallError as err:
-                if err.code == grpc.StatusCode.UNAUTHENTICATED:  # e.g. the coordinator's state was reset
-                    _LOGGER.warning("credential refused (%s); joining again", err.message)
-                    conn.join(settings.enrollment_token, profile, client_id)
+                kind = task.WhichOneof("kind")
+                if kind == "done":
+                    _LOGGER.info("coordinator says done: %s", task.done.reason)
+                    break
+                if kind == "wait":
+                    refused_in_a_row = 0
+                    time.sleep(min(task.wait.retry_after_ms, 5_000) / 1000)
                     continue
-                raise
-            kind = task.WhichOneof("kind")
-            if kind == "done":
-                _LOGGER.info("coordinator says done: %s", task.done.reason)
-                break
-            if kind == "wait":
-                time.sleep(min(task.wait.retry_after_ms, 5_000) / 1000)
-                continue
-            if _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, settings.threads):
-                summary.rounds_trained += 1
-            else:
-                summary.updates_rejected += 1
-            _prune_cache(cache_dir)
+                if _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, settings.threads):
+                    summary.rounds_trained += 1
+                else:
+                    summary.updates_rejected += 1
+                refused_in_a_row = 0
+                _prune_cache(cache_dir)
+            except FleetCallError as err:
+                # The credential expired, or the coordinator's state was reset: the enrollment token
+                # gets a fresh one. A credential refused again right after a fresh join is a real error.
+                if err.code != grpc.StatusCode.UNAUTHENTICATED or refused_in_a_row >= 3:
+                    raise
+                refused_in_a_row += 1
+                _LOGGER.warning("credential refused (%s); joining again", err.message)
+                conn.join(settings.enrollment_token, profile, client_id)
     finally:
         summary.bytes_down, summary.bytes_up = conn.stats.bytes_down, conn.stats.bytes_up
         conn.close()
