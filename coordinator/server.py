@@ -167,3 +167,5 @@ async def _run_engine(running: RunningCoordinator) -> None:
         await fed.run()
     finally:
         watcher.cancel()
+    # Finished (possibly before the watcher's next look): still serving Control and DONE.
+    await running.set_serving(True)
