@@ -50,7 +50,7 @@ async def _serve(config: CoordinatorConfig, port_file: Path | None, linger_s: fl
             _LOGGER.info("federation finished; still serving Control and DONE until stopped (SIGTERM/Ctrl-C)")
             await stop.wait()
     stopper.cancel()
-    await running.stop(5.0)
+    await running.stop(config.server.shutdown_grace_s)
     _LOGGER.info("coordinator stopped")
     return 0
 

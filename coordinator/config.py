@@ -53,6 +53,8 @@ class ServerConfig(_Section):
     max_update_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Longest a PollTask may be held open.
     max_poll_wait_s: float = Field(20.0, gt=0, le=300)
+    # On SIGTERM: NOT_SERVING at once, then calls in flight (uploads included) get this long to finish.
+    shutdown_grace_s: float = Field(10.0, ge=0, le=600)
     tls: TlsConfig = TlsConfig()
 
 

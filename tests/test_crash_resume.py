@@ -177,3 +177,55 @@ def test_sigkill_during_an_upload_then_the_retry_counts_once(mnist_dir: Path, tm
     (entry,) = rows[0].clients
     assert entry.client_id == "raw-device" and entry.outcome == "completed"
     assert entry.bytes_up == ack.received_bytes  # counted once, the cut attempt not at all
+
+
+def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-upload: the coordinator stops taking new calls, lets the upload finish and
+    acknowledges it, exits 0; restarted, it commits the round with that update."""
+    import signal
+
+    state = tmp_path / "state"
+    config = _config(state, _free_port(), mnist_dir, rounds=1, clients_per_round=1, min_clients=1,
+                     min_completed=1, round_timeout_s=300)
+    with LocalFederation(config, [], tmp_path) as fed:
+        fed.start_coordinator()
+        channel = grpc.insecure_channel(fed.address, channel_options())
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        md = bearer_metadata(stub.Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN), timeout=10).credential)
+        task = None
+        while task is None:
+            reply = stub.PollTask(fleet_pb2.PollTaskRequest(max_wait_ms=2000), timeout=10, metadata=md)
+            task = reply.train if reply.HasField("train") else None
+        model = b"".join(c.data for c in stub.DownloadArtifact(
+            fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md))
+        payload = bundle_to_bytes(encode_state(decode_state(bundle_from_bytes(model)), EncodingSpec()))
+        header = fleet_pb2.UpdateHeader(
+            round=task.round, task_id=task.task_id, idempotency_key="drain-1", num_examples=100,
+            label_counts=[10] * 10, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+        stream = _PausableUpload(header, payload, chunk=16 * 1024)
+        future = stub.UploadUpdate.future(iter(stream), timeout=60, metadata=md)
+        assert stream.first_chunk_sent.wait(30)
+        assert fed.coordinator_proc is not None
+        fed.coordinator_proc.send_signal(signal.SIGTERM)
+        # New calls are refused while the server drains...
+        until = time.monotonic() + 30
+        while True:
+            try:
+                stub.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=2, metadata=md)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                break
+            assert time.monotonic() < until, "the coordinator kept taking new calls after SIGTERM"
+            time.sleep(0.05)
+        # ...but the upload already in flight finishes and is acknowledged.
+        stream.release.set()
+        ack = future.result()
+        assert ack.accepted and not ack.duplicate
+        assert fed.coordinator_proc.wait(60) == 0
+        channel.close()
+
+        fed.start_coordinator()
+        events = list(fed.events(timeout_s=120))
+        assert events[-1].kind == EVENT.KIND_FEDERATION_FINISHED
+        rows = fed.ledger()
+    assert len(rows) == 1 and rows[0].completed == 1 and rows[0].clients[0].bytes_up == ack.received_bytes
