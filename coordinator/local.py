@@ -125,18 +125,26 @@ class LocalFederation:
         return self.port
 
     def start_clients(self, token: str | None = None) -> None:
+        for k in range(len(self.shards)):
+            self.client_procs.append(self._start_client(k, token))
+
+    def restart_client(self, k: int, token: str | None = None) -> None:
+        """Starts client k again (same id, shard and cache), e.g. after the test killed it."""
+        self.client_procs[k] = self._start_client(k, token)
+
+    def _start_client(self, k: int, token: str | None) -> subprocess.Popen[bytes]:
         token = token or self.config.auth.enrollment_tokens[0]
-        for k, shard in enumerate(self.shards):
-            client_id = shard.stem
-            log = open(self.work_dir / f"{client_id}.log", "ab")
-            self.client_procs.append(subprocess.Popen(
+        shard = self.shards[k]
+        client_id = shard.stem
+        with open(self.work_dir / f"{client_id}.log", "ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(
                 [sys.executable, "-m", "edge_client", "--coordinator", self.client_address or self.address,
                  "--data", str(shard),
                  "--token", token, "--client-id", client_id, "--threads", str(self.client_threads),
                  "--cache-dir", str(self.work_dir / "cache" / client_id), "--seed", str(self.config.federation.seed + k),
                  "--log-level", self.client_log_level, *self.extra_client_args],
                 stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
-            ))
+            )
 
     def channel(self) -> grpc.Channel:
         options = channel_options()

@@ -229,3 +229,28 @@ def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> 
         assert events[-1].kind == EVENT.KIND_FEDERATION_FINISHED
         rows = fed.ledger()
     assert len(rows) == 1 and rows[0].completed == 1 and rows[0].clients[0].bytes_up == ack.received_bytes
+
+
+def test_a_client_killed_mid_round_comes_back_and_the_federation_finishes(mnist_dir: Path, tmp_path: Path) -> None:
+    """A device that dies mid-round (SIGKILL) and restarts joins again under its id, takes its
+    task again and the round completes with it; nothing waits beyond the round's deadline."""
+    train = load_idx_dataset(mnist_dir, "train")
+    shards, _ = write_shards(train, tmp_path / "shards", n_clients=3, alpha=1.0, seed=8, samples_per_class=200)
+    config = _config(tmp_path / "state", _free_port(), mnist_dir, rounds=3, clients_per_round=3, min_clients=3,
+                     min_completed=3, round_timeout_s=120)
+    with LocalFederation(config, shards, tmp_path, client_log_level="INFO") as fed:
+        fed.start_coordinator()
+        fed.start_clients(TOKEN)
+        for event in fed.events(timeout_s=300):
+            if event.kind == EVENT.KIND_ROUND_OPENED and event.round == 1:
+                break
+        fed.client_procs[1].kill()  # client-01 dies with its task for round 1 in hand (or about to be)
+        fed.client_procs[1].wait()
+        fed.restart_client(1, TOKEN)
+        events = list(fed.events(timeout_s=300))
+        assert events[-1].kind == EVENT.KIND_FEDERATION_FINISHED
+        assert fed.wait_clients(timeout_s=120) == [0, 0, 0]
+        rows = fed.ledger()
+    assert [r.round for r in rows] == [0, 1, 2]
+    assert all(r.completed == 3 for r in rows)
+    assert {c.client_id for c in rows[1].clients if c.outcome == "completed"} == {"client-00", "client-01", "client-02"}
