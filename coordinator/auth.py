@@ -1,4 +1,4 @@
-"""Authentication and per-client rate limits as a gRPC server interceptor.
+"""Authentication, per-client rate limits and request parsing as a gRPC server interceptor.
 
 The interceptor turns away a call before any handler runs: Fleet calls other than Join need a
 valid client credential (`authorization: Bearer <credential>`), Control calls need the operator
@@ -97,7 +97,8 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
         await context.abort(code, message)
         yield  # pragma: no cover  (makes this an async generator, as streaming handlers are)
 
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    # No request deserializer: a refused call's bytes are never parsed.
+    kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(stream_response, **kwargs)
     if handler.request_streaming:
@@ -105,6 +106,46 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(stream_response, **kwargs)
     return grpc.unary_unary_rpc_method_handler(unary_response, **kwargs)
+
+
+def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler, but it parses request bytes itself: malformed protobuf becomes
+    INVALID_ARGUMENT naming the message type, instead of gRPC's UNKNOWN/INTERNAL."""
+    parse_bytes = handler.request_deserializer
+    if parse_bytes is None:
+        return handler
+
+    async def parse(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse_bytes(raw)
+        except Exception as err:  # DecodeError, or anything a malformed message provokes
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {err}")
+
+    kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        async def stream_stream(raw_requests: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            async def requests():  # type: ignore[no-untyped-def]
+                async for raw in raw_requests:
+                    yield await parse(raw, context)
+            async for item in handler.stream_stream(requests(), context):
+                yield item
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+    if handler.request_streaming:
+        async def stream_unary(raw_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def requests():  # type: ignore[no-untyped-def]
+                async for raw in raw_requests:
+                    yield await parse(raw, context)
+            return await handler.stream_unary(requests(), context)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    if handler.response_streaming:
+        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            async for item in handler.unary_stream(await parse(raw, context), context):
+                yield item
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+
+    async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await handler.unary_unary(await parse(raw, context), context)
+    return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -137,4 +178,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             code = _STATUS[type(err)]
             _LOGGER.info("[%s] %s: %s", method.lstrip("/"), code.name, err)
             return _refusal(handler, code, str(err))
-        return handler
+        return _parsing(handler)

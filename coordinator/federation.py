@@ -27,7 +27,7 @@ from coordinator.evaluation import evaluate_state
 from coordinator.ledger import LedgerWriter
 from coordinator.store import StateStore, StoredRound, StoredUpdate
 from coordinator.strategy import ClientResult, RoundPlan, State, Strategy
-from coordinator.validation import UpdateRejected, validate_counts, validate_state
+from coordinator.validation import UpdateRejected, validate_counts, validate_report, validate_state
 from export.codec import CodecError, EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedcore.models import Classifier, ClassifierConfig, state_spec, state_to_numpy
 
@@ -403,9 +403,7 @@ class Federation:
         plan = self._round.plan if self._round is not None else None
         validate_counts(header.num_examples, header.label_counts, self.model_config.n_classes,
                         plan.local_steps * plan.batch_size if plan is not None else None)
-        for key, value in header.metrics.items():
-            if not np.isfinite(value):
-                raise UpdateRejected(f"metric {key!r} is not finite")
+        validate_report(header.metrics, header.train_seconds)
         try:
             state = decode_state(bundle_from_bytes(payload))
         except CodecError as err:
@@ -560,7 +558,8 @@ class Federation:
         extras = dict(extras)
         # Federated evaluation (the paper's metric): the round's incoming global model on the
         # cohort's own label-restricted local test splits, as the clients measured it.
-        local = [(c["metrics"].get("local_test_correct"), c["metrics"].get("local_test_total")) for c in clients]
+        local = [(c["metrics"]["local_test_correct"], c["metrics"]["local_test_total"]) for c in clients
+                 if "local_test_correct" in c["metrics"] and "local_test_total" in c["metrics"]]
         total = sum(t for _, t in local if t)
         if total:
             extras["federated_accuracy"] = sum(c for c, t in local if t) / total

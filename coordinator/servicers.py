@@ -16,6 +16,9 @@ from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
 
+#: Smallest download chunk the server sends, whatever the client asks for.
+MIN_CHUNK_BYTES = 1024
+
 _STATUS = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
@@ -116,7 +119,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         data = await asyncio.to_thread(self.fed.artifact_bytes, request.artifact_id)
         if request.offset > len(data):
             raise errors.OutOfRange(f"offset {request.offset} is beyond the artifact's {len(data)} bytes")
-        chunk = min(request.max_chunk_bytes or self.chunk_bytes, self.chunk_bytes)
+        # A floor, so a 1-byte chunk request cannot make the server send one message per byte.
+        chunk = max(MIN_CHUNK_BYTES, min(request.max_chunk_bytes or self.chunk_bytes, self.chunk_bytes))
         offset = request.offset
         while offset < len(data) or (offset == 0 and not data):
             msg = fleet_pb2.ArtifactChunk(artifact_id=request.artifact_id, offset=offset,

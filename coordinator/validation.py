@@ -1,6 +1,7 @@
 """Checks an update must pass before it is persisted: the coordinator's input boundary."""
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -53,3 +54,23 @@ def validate_counts(num_examples: int, label_counts: Sequence[int], n_classes: i
         raise UpdateRejected(
             f"label_counts sum to {total}, more than the {max_trained} examples the task's local steps x batch size allow"
         )
+
+
+#: Longest a client may say it trained for (a week): anything above is a broken clock or a lie.
+MAX_TRAIN_SECONDS = 7 * 24 * 3600.0
+
+
+def validate_report(metrics: Mapping[str, float], train_seconds: float) -> None:
+    """The numbers a client reports beside its update end up in the ledger: finite and sane."""
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            raise UpdateRejected(f"metric {key!r} is not finite")
+    if not math.isfinite(train_seconds) or not 0 <= train_seconds <= MAX_TRAIN_SECONDS:
+        raise UpdateRejected(f"train_seconds must be finite and in [0, {MAX_TRAIN_SECONDS:g}], got {train_seconds!r}")
+    correct, total = metrics.get("local_test_correct"), metrics.get("local_test_total")
+    if (correct is None) != (total is None):
+        raise UpdateRejected("local_test_correct and local_test_total must be reported together")
+    if correct is not None and total is not None:
+        if not (float(correct).is_integer() and float(total).is_integer() and 0 <= correct <= total <= MAX_NUM_EXAMPLES):
+            raise UpdateRejected(
+                f"local test counts must be whole numbers with 0 <= correct <= total (got {correct!r} of {total!r})")

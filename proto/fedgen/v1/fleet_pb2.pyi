@@ -403,7 +403,9 @@ class DownloadRequest(_message.Message):
     offset: _builtins.int
     """Byte offset to start from (resume)."""
     max_chunk_bytes: _builtins.int
-    """Largest chunk the client wants (0 = server default); capped by the server."""
+    """Largest chunk the client wants (0 = server default); the server keeps it
+    between 1 KiB and its own chunk size.
+    """
     def __init__(
         self,
         *,
