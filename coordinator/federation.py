@@ -12,6 +12,7 @@ import hmac
 import logging
 import random
 import secrets
+import statistics
 import time
 import uuid
 from collections import Counter
@@ -52,6 +53,10 @@ class ClientRecord:
     last_seen: float = 0.0  # time.monotonic() of the last authenticated call
     left: bool = False
     issued_ms: int = 0  # wall clock when the credential was issued (it survives restarts)
+    # The device's own probes: not willing to train now, and why (DeviceState).
+    not_ready: str | None = None
+    # Kinds of task the client turned down for memory: task kind -> reason.
+    declined_kinds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,12 +130,15 @@ class OpenRound:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     accepted: dict[str, StoredUpdate] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+    # Connected clients left out of the sample when the round opened, and why.
+    skipped: dict[str, str] = field(default_factory=dict)
     bytes_down: Counter[str] = field(default_factory=Counter)
     closed: bool = False
 
     @property
     def all_in(self) -> bool:
-        return len(self.accepted) + len(self.rejected) >= len(self.cohort)
+        return len(self.accepted) + len(self.rejected) + len(self.declined) >= len(self.cohort)
 
 
 class Federation:
@@ -213,6 +221,10 @@ class Federation:
         issued_ms = _now_ms()
         await asyncio.to_thread(self.store.upsert_client, client_id, cred_hash, profile, issued_ms)
         record = ClientRecord(client_id, cred_hash, profile, last_seen=time.monotonic(), issued_ms=issued_ms)
+        previous = self._clients.get(client_id)
+        # Same budget, same limits: a memory decline stands until the device declares more memory.
+        if previous is not None and previous.profile.get("memory_budget_mb") == profile.get("memory_budget_mb"):
+            record.declined_kinds = previous.declined_kinds
         self._clients[client_id] = record
         _LOGGER.info("[Fleet.Join] %s joined (%s)", client_id, profile.get("platform", "?"))
         self._emit(Event("joined", self.current_round, client_id=client_id))
@@ -247,11 +259,58 @@ class Federation:
     def eligible_clients(self) -> list[str]:
         """Clients that have not left, hold a valid credential and are alive: inside a long poll
         now, or seen recently."""
+        return sorted(c.client_id for c in self._clients.values() if self._alive(c) and self._unfit(c) is None)
+
+    def _alive(self, c: ClientRecord) -> bool:
         horizon = time.monotonic() - self.config.federation.heartbeat_timeout_s
-        return sorted(
-            c.client_id for c in self._clients.values()
-            if not c.left and not self._expired(c) and (self._polling[c.client_id] > 0 or c.last_seen >= horizon)
-        )
+        return not c.left and not self._expired(c) and (self._polling[c.client_id] > 0 or c.last_seen >= horizon)
+
+    def _unfit(self, c: ClientRecord) -> str | None:
+        """Why a connected client may not be sampled now (its own conditions or a memory decline)."""
+        if c.not_ready is not None:
+            return f"not ready: {c.not_ready}"
+        declined = c.declined_kinds.get(self.task_kind())
+        return f"declined this kind of task: {declined}" if declined is not None else None
+
+    def skipped_clients(self) -> dict[str, str]:
+        """Connected clients that are not eligible, with the reason the ledger records."""
+        out = {}
+        for c in self._clients.values():
+            if self._alive(c):
+                reason = self._unfit(c)
+                if reason is not None:
+                    out[c.client_id] = reason
+        return out
+
+    def task_kind(self) -> str:
+        """What a memory decline is about: the strategy and the shape of local training."""
+        t = self.config.training
+        return f"{self.strategy.name}/batch{t.batch_size}"
+
+    async def update_state(self, client_id: str, not_ready: bool, reason: str) -> None:
+        """The device's probes said whether it is willing to train (sent on PollTask and Heartbeat)."""
+        record = self._clients[client_id]
+        before = record.not_ready
+        record.not_ready = (reason or "no reason given")[:200] if not_ready else None
+        if before != record.not_ready:
+            _LOGGER.info("[Fleet] %s is %s", client_id, f"not ready ({record.not_ready})" if not_ready else "ready")
+            await self._notify()
+
+    async def decline(self, client_id: str, round_: int, task_id: str, memory: bool, detail: str) -> None:
+        """A sampled client turns its task down; for memory, it is not sampled for this kind of task again."""
+        r = self._round
+        if r is None or r.closed or r.round != round_ or r.cohort.get(client_id) != task_id:
+            raise errors.FailedPrecondition(f"task {task_id!r} of round {round_} is not open for {client_id}")
+        if client_id in r.accepted:
+            raise errors.FailedPrecondition(f"{client_id} already delivered an update for round {round_}")
+        detail = (detail or "no detail given")[:300]
+        reason = f"{'memory' if memory else 'conditions'}: {detail}"
+        r.declined[client_id] = reason
+        if memory:
+            self._clients[client_id].declined_kinds[self.task_kind()] = detail
+        _LOGGER.warning("round %d: %s declined its task (%s)", round_, client_id, reason)
+        self._emit(Event("rejected", round_, client_id, message=f"declined: {reason}"))
+        await self._notify()
 
     def _expired(self, record: ClientRecord) -> bool:
         ttl_s = self.config.auth.credential_ttl_s
@@ -290,7 +349,8 @@ class Federation:
             self.told_done.add(client_id)
             return DoneAssignment("federation finished")
         r = self._round
-        if r is None or r.closed or client_id not in r.cohort or client_id in r.accepted or client_id in r.rejected:
+        if (r is None or r.closed or client_id not in r.cohort or client_id in r.accepted
+                or client_id in r.rejected or client_id in r.declined):
             return None
         return TrainAssignment(
             round=r.round,
@@ -464,6 +524,7 @@ class Federation:
         rng = random.Random(f"{fed.seed}:{round_}:{attempt}")
         cohort_ids = rng.sample(eligible, min(fed.clients_per_round, len(eligible)))
         cohort = {cid: uuid.uuid4().hex for cid in sorted(cohort_ids)}
+        skipped = self.skipped_clients()
         artifacts = []
         for artifact in await asyncio.to_thread(self.strategy.round_artifacts, round_):
             digest = await asyncio.to_thread(self.store.blobs.put, artifact.data)
@@ -473,7 +534,7 @@ class Federation:
         stored = StoredRound(round_, attempt, "open", cohort, self.global_model_sha, opened, deadline, artifacts)
         await asyncio.to_thread(self.store.open_round, stored)
         self._round = OpenRound(round_, attempt, cohort, self.global_model_sha, opened, deadline,
-                                self.strategy.configure_round(round_), artifacts)
+                                self.strategy.configure_round(round_), artifacts, skipped=skipped)
         _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
         self._emit(Event("opened", round_, cohort_size=len(cohort)))
         await self._notify()
@@ -546,6 +607,8 @@ class Federation:
                 outcome, reason = "completed", ""
             elif cid in r.rejected:
                 outcome, reason = "rejected", r.rejected[cid]
+            elif cid in r.declined:
+                outcome, reason = "declined", r.declined[cid]
             else:
                 outcome, reason = "dropped", "no valid update before the round's deadline"
             clients.append({
@@ -563,6 +626,12 @@ class Federation:
         total = sum(t for _, t in local if t)
         if total:
             extras["federated_accuracy"] = sum(c for c, t in local if t) / total
+        # What the round cost the devices, as they measured it (edge_client reports these).
+        for key, name, agg in (("peak_rss_mb", "client_peak_rss_mb_max", max),
+                               ("cpu_seconds", "client_cpu_seconds_mean", statistics.fmean)):
+            values = [c["metrics"][key] for c in clients if key in c["metrics"]]
+            if values:
+                extras[name] = round(float(agg(values)), 3)
         return {
             "round": r.round,
             "attempt": r.attempt,
@@ -571,6 +640,8 @@ class Federation:
             "completed": sum(c["outcome"] == "completed" for c in clients),
             "dropped": sum(c["outcome"] == "dropped" for c in clients),
             "rejected": sum(c["outcome"] == "rejected" for c in clients),
+            "declined": sum(c["outcome"] == "declined" for c in clients),
+            "skipped": [{"client_id": cid, "reason": why} for cid, why in sorted(r.skipped.items())],
             "bytes_down": sum(c["bytes_down"] for c in clients),
             "bytes_up": sum(c["bytes_up"] for c in clients),
             "wait_seconds": round(wait_s, 4),
@@ -619,7 +690,8 @@ class Federation:
             "state": state,
             "current_round": self.current_round,
             "total_rounds": self.config.federation.rounds,
-            "connected_clients": len(self.eligible_clients()),
+            "connected_clients": sum(self._alive(c) for c in self._clients.values()),
+            "eligible_clients": len(self.eligible_clients()),
             "cohort_size": len(r.cohort) if r else 0,
             "updates_received": len(r.accepted) if r else 0,
             "strategy": self.strategy.name,

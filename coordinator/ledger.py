@@ -16,7 +16,7 @@ from coordinator.store import atomic_write
 
 #: Per-round columns of the CSV, in order; strategy extras follow as `extra_<name>`.
 CSV_COLUMNS = [
-    "round", "attempt", "strategy", "cohort_size", "completed", "dropped", "rejected",
+    "round", "attempt", "strategy", "cohort_size", "completed", "dropped", "rejected", "declined", "skipped",
     "bytes_down", "bytes_up", "wait_seconds", "aggregate_seconds", "evaluate_seconds",
     "round_seconds", "test_accuracy", "test_loss", "opened_unix_ms", "committed_unix_ms",
 ]
@@ -28,7 +28,8 @@ def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS + [f"extra_{k}" for k in extra_keys])
     for row in rows:
-        writer.writerow([row.get(c, "") for c in CSV_COLUMNS] + [row.get("extras", {}).get(k, "") for k in extra_keys])
+        flat = {**row, "skipped": len(row.get("skipped", ()))}  # the CSV counts; the JSON lines say who and why
+        writer.writerow([flat.get(c, "") for c in CSV_COLUMNS] + [row.get("extras", {}).get(k, "") for k in extra_keys])
     return out.getvalue()
 
 

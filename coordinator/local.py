@@ -83,6 +83,8 @@ class LocalFederation:
     client_threads: int = 1
     client_log_level: str = "WARNING"
     extra_client_args: list[str] = field(default_factory=list)
+    # Arguments for one client only (index -> args), e.g. a memory budget or a readiness probe.
+    per_client_args: dict[int, list[str]] = field(default_factory=dict)
     # Where the clients connect when not straight to the coordinator (e.g. a reverse proxy).
     client_address: str | None = None
     # For this process's Control channel when the coordinator serves TLS.
@@ -142,7 +144,7 @@ class LocalFederation:
                  "--data", str(shard),
                  "--token", token, "--client-id", client_id, "--threads", str(self.client_threads),
                  "--cache-dir", str(self.work_dir / "cache" / client_id), "--seed", str(self.config.federation.seed + k),
-                 "--log-level", self.client_log_level, *self.extra_client_args],
+                 "--log-level", self.client_log_level, *self.extra_client_args, *self.per_client_args.get(k, [])],
                 stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
             )
 

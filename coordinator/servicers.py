@@ -105,6 +105,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     @unary_errors
     async def PollTask(self, request: fleet_pb2.PollTaskRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.Task:
         client_id = self._client(context)
+        await self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
         wait_s = min(request.max_wait_ms / 1000, self.max_poll_wait_s)
         task = wire.assignment_to_proto(await self.fed.poll(client_id, wait_s))
         if task.HasField("train"):
@@ -169,8 +170,26 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     async def Heartbeat(
         self, request: fleet_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.HeartbeatResponse:
-        self._client(context)
+        client_id = self._client(context)
+        await self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
         return fleet_pb2.HeartbeatResponse(current_round=self.fed.current_round)
+
+    @unary_errors
+    async def DeclineTask(
+        self, request: fleet_pb2.DeclineTaskRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.DeclineTaskResponse:
+        client_id = self._client(context)
+        if request.reason == fleet_pb2.DECLINE_REASON_MEMORY:
+            detail = f"needs {request.needed_memory_mb} MiB, budget {request.memory_budget_mb} MiB"
+            if request.detail:
+                detail += f" ({request.detail[:200]})"
+        elif request.reason == fleet_pb2.DECLINE_REASON_CONDITIONS:
+            detail = request.detail[:200]
+        else:
+            raise errors.InvalidArgument("DeclineTask needs a reason (DECLINE_REASON_MEMORY or _CONDITIONS)")
+        await self.fed.decline(client_id, request.round, request.task_id,
+                               request.reason == fleet_pb2.DECLINE_REASON_MEMORY, detail)
+        return fleet_pb2.DeclineTaskResponse()
 
     @unary_errors
     async def Leave(self, request: fleet_pb2.LeaveRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.LeaveResponse:

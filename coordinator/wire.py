@@ -41,6 +41,7 @@ def profile_from_proto(p: fleet_pb2.DeviceProfile) -> dict[str, Any]:
                                 for e in p.supported_encodings],
         "platform": p.platform[:200],
         "num_examples": p.num_examples,
+        "available_memory_mb": p.available_memory_mb,
     }
 
 

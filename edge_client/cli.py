@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from edge_client.conditions import Probe, combine, command_probe, on_mains_power
 from edge_client.connection import FleetCallError
 from edge_client.runner import ClientSettings, run_client
 
@@ -18,7 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-id", default="", help="stable id to join as (default: assigned by the coordinator)")
     p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default ~/.cache/fedgen/<id>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--memory-budget-mb", type=int, default=0, help="memory this client may use (declared)")
+    p.add_argument("--memory-budget-mb", type=int, default=0,
+                   help="memory this client may use, MiB; it sizes its training to fit and declines tasks that "
+                        "cannot (default: what the OS reports available)")
+    when = p.add_argument_group("when to train (default: always)")
+    when.add_argument("--only-on-mains", action="store_true", help="train only on mains power (Linux sysfs)")
+    when.add_argument("--ready-command", default="",
+                      help="a program asked before every poll: exit 0 = ready, else its first output line is "
+                           "the reason (e.g. a check that the link is unmetered)")
     p.add_argument("--seed", type=int, default=0)
     tls = p.add_argument_group("TLS (default: plaintext)")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -28,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-server-name", default="", help="name to verify the server certificate against")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _readiness(args: argparse.Namespace) -> Probe | None:
+    probes: list[Probe] = []
+    if args.only_on_mains:
+        probes.append(on_mains_power)
+    if args.ready_command:
+        probes.append(command_probe(args.ready_command))
+    return combine(probes) if probes else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         coordinator=args.coordinator, enrollment_token=args.token, data_path=args.data, client_id=args.client_id,
         cache_dir=args.cache_dir, threads=args.threads, memory_budget_mb=args.memory_budget_mb, seed=args.seed,
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
-        use_tls=args.tls,
+        use_tls=args.tls, readiness=_readiness(args),
     )
     try:
         summary = run_client(settings)
@@ -57,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     logging.getLogger("edge_client").info(
-        "finished: %d round(s) trained, %d rejected, %d B down, %d B up",
-        summary.rounds_trained, summary.updates_rejected, summary.bytes_down, summary.bytes_up,
+        "finished: %d round(s) trained, %d rejected, %d declined, %d B down, %d B up",
+        summary.rounds_trained, summary.updates_rejected, summary.tasks_declined, summary.bytes_down, summary.bytes_up,
     )
     return 0
 

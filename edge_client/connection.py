@@ -71,6 +71,8 @@ class FleetConnection:
     seed: int | None = None
     # With TLS: check the server certificate against this name instead of the address's host.
     tls_server_name: str = ""
+    # The device's readiness, asked before every PollTask and Heartbeat (None = always ready).
+    device_state: Callable[[], fleet_pb2.DeviceState] | None = None
 
     def __post_init__(self) -> None:
         options = channel_options(self.max_message_bytes)
@@ -126,7 +128,7 @@ class FleetConnection:
         return response.client_id
 
     def poll(self, max_wait_s: float = 15.0) -> fleet_pb2.Task:
-        request = fleet_pb2.PollTaskRequest(max_wait_ms=int(max_wait_s * 1000))
+        request = fleet_pb2.PollTaskRequest(max_wait_ms=int(max_wait_s * 1000), state=self._state())
         try:
             task = self._with_retry("PollTask", lambda: self._stub.PollTask(
                 request, timeout=max_wait_s + self.call_timeout_s, metadata=self._metadata()
@@ -139,9 +141,22 @@ class FleetConnection:
             self.stats.bytes_down += wire_bytes(task.ByteSize())
         return task
 
+    def _state(self) -> fleet_pb2.DeviceState:
+        return self.device_state() if self.device_state is not None else fleet_pb2.DeviceState()
+
     def heartbeat(self, busy: bool) -> None:
         self._with_retry("Heartbeat", lambda: self._stub.Heartbeat(
-            fleet_pb2.HeartbeatRequest(busy=busy), timeout=self.call_timeout_s, metadata=self._metadata()
+            fleet_pb2.HeartbeatRequest(busy=busy, state=self._state()), timeout=self.call_timeout_s,
+            metadata=self._metadata()
+        ))
+
+    def decline(self, task: fleet_pb2.TrainTask, reason: int, detail: str, needed_mb: int = 0,
+                budget_mb: int = 0) -> None:
+        """Turns a task down and says why, so the round does not wait for this client."""
+        self._with_retry("DeclineTask", lambda: self._stub.DeclineTask(
+            fleet_pb2.DeclineTaskRequest(round=task.round, task_id=task.task_id, reason=reason, detail=detail,
+                                         needed_memory_mb=needed_mb, memory_budget_mb=budget_mb),
+            timeout=self.call_timeout_s, metadata=self._metadata(),
         ))
 
     def leave(self, reason: str) -> None:

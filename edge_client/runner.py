@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import platform
 import threading
 import time
@@ -15,11 +16,14 @@ import grpc
 import numpy as np
 import torch
 
+from edge_client.budget import (MemoryPlan, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
+                                plan_task, reset_peak_rss, rss_mib)
+from edge_client.conditions import Probe
 from edge_client.connection import FleetCallError, FleetConnection
 from edge_client.generator_runtime import OnnxGenerator
 from edge_client.trainer import LocalTrainer, TrainPlan
 from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state, sha256_hex
-from fedcore.data import load_shard, normalize_images
+from fedcore.data import load_shard
 from fedcore.transport import client_tls_credentials
 from fedgen.v1 import fleet_pb2, tensor_pb2
 
@@ -49,6 +53,8 @@ class ClientSettings:
     tls_key: Path | None = None
     tls_server_name: str = ""
     use_tls: bool = False
+    # When the device is willing to train (None = always); see edge_client.conditions.
+    readiness: Probe | None = None
 
 
 @dataclass
@@ -56,6 +62,7 @@ class ClientSummary:
     client_id: str
     rounds_trained: int = 0
     updates_rejected: int = 0
+    tasks_declined: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
 
@@ -80,24 +87,48 @@ def _heartbeats(conn: FleetConnection) -> Iterator[None]:
 
 
 def _prune_cache(cache_dir: Path) -> None:
+    if not cache_dir.is_dir():
+        return
     files = sorted((p for p in cache_dir.iterdir() if p.is_file() and len(p.name) == 64), key=lambda p: p.stat().st_mtime)
     for old in files[:-CACHE_KEEP]:
         old.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Device:
+    """What this device can give a round: its memory budget (MiB, None = unknown) and threads."""
+
+    budget_mib: float | None
+    threads: int
+    readiness: Probe | None = None
+
+    def state(self) -> fleet_pb2.DeviceState:
+        reason = self.readiness() if self.readiness is not None else None
+        return fleet_pb2.DeviceState(not_ready=reason is not None, reason=reason or "")
+
+
 def run_client(settings: ClientSettings) -> ClientSummary:
     torch.set_num_threads(max(1, settings.threads))
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+        torch.set_num_interop_threads(1)
     train, test = load_shard(settings.data_path)
-    trainer = LocalTrainer(normalize_images(train.images), train.labels, settings.n_classes, settings.seed)
-    local_test = (normalize_images(test.images), test.labels) if test is not None and len(test) else None
+    # Images stay uint8 (1 byte a pixel) and are normalised a batch at a time.
+    trainer = LocalTrainer(train.images, train.labels, settings.n_classes, settings.seed)
+    local_test = (test.images, test.labels) if test is not None and len(test) else None
+    available = available_memory_mib()
+    device = Device(effective_budget_mib(settings.memory_budget_mb, available, rss_mib()), settings.threads,
+                    settings.readiness)
+    _LOGGER.info("memory: budget %s MiB (declared %d, available %s), process %s MiB now",
+                 _fmt_mib(device.budget_mib), settings.memory_budget_mb, _fmt_mib(available), _fmt_mib(rss_mib()))
     tls = settings.use_tls or settings.tls_ca is not None or settings.tls_cert is not None
     conn = FleetConnection(
         settings.coordinator, call_timeout_s=settings.call_timeout_s, seed=settings.seed,
         credentials=client_tls_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key) if tls else None,
-        tls_server_name=settings.tls_server_name,
+        tls_server_name=settings.tls_server_name, device_state=device.state,
     )
     profile = fleet_pb2.DeviceProfile(
-        memory_budget_mb=settings.memory_budget_mb,
+        memory_budget_mb=int(device.budget_mib or 0),
+        available_memory_mb=int(available or 0),
         supported_encodings=[tensor_pb2.ENCODING_RAW, tensor_pb2.ENCODING_FP16, tensor_pb2.ENCODING_INT8],
         platform=f"{platform.system().lower()}-{platform.machine()} python{platform.python_version()} torch{torch.__version__}",
         num_examples=len(train),
@@ -118,8 +149,11 @@ def run_client(settings: ClientSettings) -> ClientSummary:
                     refused_in_a_row = 0
                     time.sleep(min(task.wait.retry_after_ms, 5_000) / 1000)
                     continue
-                if _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, settings.threads):
+                outcome = _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, device)
+                if outcome == "accepted":
                     summary.rounds_trained += 1
+                elif outcome == "declined":
+                    summary.tasks_declined += 1
                 else:
                     summary.updates_rejected += 1
                 refused_in_a_row = 0
@@ -149,12 +183,40 @@ def _generator_for(conn: FleetConnection, task: fleet_pb2.TrainTask, cache_dir: 
     return OnnxGenerator(conn.fetch_artifact(refs[0], cache_dir), threads=threads)
 
 
+def _fmt_mib(v: float | None) -> str:
+    return "?" if v is None else f"{v:.0f}"
+
+
+def _memory_plan(task: fleet_pb2.TrainTask, device: Device) -> MemoryPlan:
+    cfg = task.config
+    regularize = cfg.params.get("regularize", 0.0) > 0
+    generator_bytes = sum(a.size_bytes for a in task.extra_artifacts if a.kind == fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX)
+    needs = TaskNeeds(model_bytes=task.global_model.size_bytes, generator_bytes=generator_bytes if regularize else 0,
+                      batch_size=max(1, cfg.batch_size),
+                      gen_batch_size=int(cfg.params.get("gen_batch_size", 32)) if regularize else 0)
+    return plan_task(rss_mib() or 0.0, device.budget_mib, needs)
+
+
 def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_pb2.TrainTask,
                       cache_dir: Path, client_id: str, local_test: tuple[np.ndarray, np.ndarray] | None,
-                      threads: int) -> bool:
+                      device: Device) -> str:
+    """One task: 'accepted', 'rejected' (the coordinator refused the update) or 'declined'."""
+    not_ready = device.readiness() if device.readiness is not None else None
+    if not_ready is not None:  # conditions changed since the poll: say so rather than go quiet
+        conn.decline(task, fleet_pb2.DECLINE_REASON_CONDITIONS, not_ready)
+        _LOGGER.warning("round %d: declined (%s)", task.round, not_ready)
+        return "declined"
+    memory = _memory_plan(task, device)
+    if not memory.fits:
+        conn.decline(task, fleet_pb2.DECLINE_REASON_MEMORY, memory.reason, math.ceil(memory.needed_mib),
+                     int(memory.budget_mib or 0))
+        _LOGGER.warning("round %d: declined for memory: %s", task.round, memory.reason)
+        return "declined"
+    reset_peak_rss()
+    rss_before, cpu_before = rss_mib(), time.process_time()
     model_path = conn.fetch_artifact(task.global_model, cache_dir)
     state = decode_state(bundle_from_bytes(model_path.read_bytes()))
-    generator = _generator_for(conn, task, cache_dir, threads)
+    generator = _generator_for(conn, task, cache_dir, device.threads)
     cfg = task.config
     plan = TrainPlan(
         cfg.local_steps, cfg.batch_size, cfg.learning_rate, cfg.strategy,
@@ -163,6 +225,7 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         generative_beta=cfg.params.get("generative_beta", 0.0),
         gen_batch_size=int(cfg.params.get("gen_batch_size", 32)),
         label_space=tuple(task.label_space),
+        micro_batch=memory.micro_batch if memory.micro_batch < cfg.batch_size else 0,
     )
     with _heartbeats(conn):
         evaluation = trainer.evaluate(state, *local_test) if local_test is not None else None
@@ -170,6 +233,19 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
     if evaluation is not None:
         result.metrics["local_test_correct"], result.metrics["local_test_total"] = map(float, evaluation)
     payload = bundle_to_bytes(encode_state(result.state, EncodingSpec()))
+    # What the round cost this device, measured: its own peak resident memory and CPU time.
+    peak = peak_rss_mib()
+    result.metrics["cpu_seconds"] = round(time.process_time() - cpu_before, 4)
+    result.metrics["micro_batch"] = float(plan.micro_batch or plan.batch_size)
+    result.metrics["estimated_peak_mb"] = round(memory.needed_mib, 1)
+    if peak is not None:
+        result.metrics["peak_rss_mb"] = round(peak, 1)
+        result.metrics["rss_before_mb"] = round(rss_before or 0.0, 1)
+    if device.budget_mib is not None:
+        result.metrics["memory_budget_mb"] = round(device.budget_mib, 1)
+        if peak is not None and peak > device.budget_mib:
+            _LOGGER.error("round %d: peak RSS %.0f MiB exceeded the %.0f MiB budget (estimated %.0f MiB)",
+                          task.round, peak, device.budget_mib, memory.needed_mib)
     header = fleet_pb2.UpdateHeader(
         round=task.round, task_id=task.task_id,
         idempotency_key=f"{client_id}:{task.task_id}:{uuid.uuid5(uuid.NAMESPACE_OID, sha256_hex(payload)).hex[:8]}",
@@ -182,9 +258,9 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
     except FleetCallError as err:
         if err.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
             _LOGGER.warning("round %d: update not accepted: %s", task.round, err)
-            return False
+            return "rejected"
         raise
     _LOGGER.info("round %d: update accepted%s (loss %.4f, %d steps, %.2fs)", ack.round,
                  " (duplicate)" if ack.duplicate else "", result.metrics["loss"], plan.local_steps,
                  result.train_seconds)
-    return True
+    return "accepted"

@@ -24,6 +24,9 @@ class TrainPlan:
     generative_beta: float = 0.0
     gen_batch_size: int = 32
     label_space: tuple[int, ...] = field(default_factory=tuple)
+    # Examples per forward/backward pass (0 = the whole batch). Smaller micro-batches accumulate
+    # gradients to the same step, so a device short of memory trains the same round.
+    micro_batch: int = 0
 
 
 class LatentGenerator(Protocol):
@@ -69,10 +72,11 @@ class BatchStream:
 class LocalTrainer:
     def __init__(self, images: np.ndarray, labels: np.ndarray, n_classes: int = 10, seed: int = 0,
                  model_config: ClassifierConfig = ClassifierConfig()) -> None:
-        """images: normalised float32 [N,1,28,28]; labels: int64 [N]."""
+        """images: raw uint8 [N,28,28] (kept as bytes, normalised a batch at a time: 4x less memory
+        than float32) or already normalised float32 [N,1,28,28]; labels: int64 [N]."""
         if len(images) != len(labels) or len(labels) == 0:
             raise ValueError(f"need matching, non-empty images and labels (got {len(images)} and {len(labels)})")
-        self.images = torch.from_numpy(images)
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.n_classes = n_classes
         self.model = Classifier(model_config)
@@ -80,27 +84,30 @@ class LocalTrainer:
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
 
+    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        return _as_model_input(self.images[idx])
+
     def _latents(self, generator: LatentGenerator, labels: np.ndarray) -> torch.Tensor:
         eps = generator.sample_noise(len(labels), self.rng)
         return torch.from_numpy(generator.latents(labels, eps))
 
-    def _regulariser(self, generator: LatentGenerator, plan: TrainPlan, x_logits: torch.Tensor,
-                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FedGen's two client terms (official userpFedGen.train).
-
-        latent loss: KL(p_model(x) || softmax(head(G(y)))) on the real batch's labels, scaled by beta;
-        teacher loss: CE(head(G(y~)), y~) for labels y~ drawn uniformly from the label space, scaled by
-        alpha. Latents come from onnxruntime without gradients, so only the model learns.
-        """
-        head = self.model.head
+    def _latent_loss(self, generator: LatentGenerator, plan: TrainPlan, x_logits: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+        """FedGen's latent loss (official userpFedGen.train): the model's predictions on the real batch
+        pulled towards its own head's predictions on generated latents for the same labels;
+        KL(softmax(head(G(y))) || p_model(x)), scaled by beta."""
         with torch.no_grad():
-            target = F.softmax(head(self._latents(generator, y.numpy())), dim=1)
-        latent_loss = plan.generative_beta * F.kl_div(F.log_softmax(x_logits, dim=1), target, reduction="batchmean")
+            target = F.softmax(self.model.head(self._latents(generator, y.numpy())), dim=1)
+        return plan.generative_beta * F.kl_div(F.log_softmax(x_logits, dim=1), target, reduction="batchmean")
+
+    def _teacher_loss(self, generator: LatentGenerator, plan: TrainPlan) -> torch.Tensor:
+        """FedGen's generator regulariser: CE(head(G(y~)), y~) for labels y~ drawn uniformly from the
+        label space, scaled by alpha. Latents come from onnxruntime without gradients, so only the
+        model (its head) learns from it."""
         space = np.asarray(plan.label_space or range(self.n_classes), dtype=np.int64)
         sampled = self.rng.choice(space, plan.gen_batch_size)
-        teacher_logits = head(self._latents(generator, sampled))
-        teacher_loss = plan.generative_alpha * F.cross_entropy(teacher_logits, torch.from_numpy(sampled))
-        return latent_loss, teacher_loss
+        teacher_logits = self.model.head(self._latents(generator, sampled))
+        return plan.generative_alpha * F.cross_entropy(teacher_logits, torch.from_numpy(sampled))
 
     @torch.no_grad()
     def evaluate(self, state: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
@@ -109,7 +116,7 @@ class LocalTrainer:
         self.model.eval()
         correct = 0
         for start in range(0, len(labels), 512):
-            logits = self.model(torch.from_numpy(images[start : start + 512]))
+            logits = self.model(_as_model_input(torch.from_numpy(images[start : start + 512])))
             correct += int((logits.argmax(1) == torch.from_numpy(labels[start : start + 512])).sum())
         return correct, len(labels)
 
@@ -127,24 +134,37 @@ class LocalTrainer:
         gen_ratio = plan.gen_batch_size / plan.batch_size
         for _ in range(plan.local_steps):
             idx = torch.from_numpy(self.batches.next(plan.batch_size))
-            x, y = self.images[idx], self.labels[idx]
-            counts += np.bincount(y.numpy(), minlength=self.n_classes)[: self.n_classes]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            counts += np.bincount(self.labels[idx].numpy(), minlength=self.n_classes)[: self.n_classes]
+            optimizer.zero_grad(set_to_none=True)
+            micro = plan.micro_batch if 0 < plan.micro_batch < len(idx) else len(idx)
+            step_loss = 0.0
+            for start in range(0, len(idx), micro):  # gradients of the micro-batches add up to the batch's
+                part = idx[start : start + micro]
+                y = self.labels[part]
+                share = len(part) / len(idx)
+                logits = model(self._inputs(part))
+                loss = F.cross_entropy(logits, y) * share
+                if generator is not None:
+                    latent = share * self._latent_loss(generator, plan, logits, y)
+                    loss = loss + latent
+                    reg_sum += float(latent.detach())
+                loss.backward()
+                step_loss += float(loss.detach())
+                correct += int((logits.argmax(1) == y).sum())
+            extra = torch.zeros(())
             if generator is not None:
-                latent_loss, teacher_loss = self._regulariser(generator, plan, logits, y)
-                regulariser = gen_ratio * teacher_loss + latent_loss
-                loss = loss + regulariser
-                reg_sum += float(regulariser.detach())
+                teacher = gen_ratio * self._teacher_loss(generator, plan)
+                extra = extra + teacher
+                reg_sum += float(teacher.detach())
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * plan.proximal_mu * prox
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                extra = extra + 0.5 * plan.proximal_mu * prox
+            if extra.requires_grad:
+                extra.backward()
+            step_loss += float(extra.detach())
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+            loss_sum += step_loss * len(idx)
+            seen += len(idx)
         return TrainResult(
             state=state_to_numpy(model),
             num_examples=len(self.labels),
@@ -153,3 +173,10 @@ class LocalTrainer:
                      "regulariser": reg_sum / plan.local_steps},
             train_seconds=time.monotonic() - started,
         )
+
+
+def _as_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,28,28] -> float32 [B,1,28,28] in [-1, 1] (FedGen's normalisation); floats pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    return (images.unsqueeze(1).float() / 255.0 - 0.5) / 0.5

@@ -74,17 +74,24 @@ class Status(_message.Message):
     UPDATES_RECEIVED_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     LAST_ACCURACY_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_CLIENTS_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     state: Global___FederationState.ValueType
     current_round: _builtins.int
     """The round open now, or the next one to open."""
     total_rounds: _builtins.int
     connected_clients: _builtins.int
+    """Clients alive now (joined, not left, credential valid, seen recently)."""
     cohort_size: _builtins.int
     updates_received: _builtins.int
     strategy: _builtins.str
     last_accuracy: _builtins.float
     """Test accuracy of the latest committed global model (NaN before the first)."""
+    eligible_clients: _builtins.int
+    """Connected clients that may be sampled now (ready by their own probes, and
+    not declined for memory); the others are listed with a reason in the
+    next round's ledger row.
+    """
     def __init__(
         self,
         *,
@@ -97,10 +104,11 @@ class Status(_message.Message):
         updates_received: _builtins.int = ...,
         strategy: _builtins.str = ...,
         last_accuracy: _builtins.float = ...,
+        eligible_clients: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort_size", b"cohort_size", "connected_clients", b"connected_clients", "current_round", b"current_round", "federation_id", b"federation_id", "last_accuracy", b"last_accuracy", "state", b"state", "strategy", b"strategy", "total_rounds", b"total_rounds", "updates_received", b"updates_received"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort_size", b"cohort_size", "connected_clients", b"connected_clients", "current_round", b"current_round", "eligible_clients", b"eligible_clients", "federation_id", b"federation_id", "last_accuracy", b"last_accuracy", "state", b"state", "strategy", b"strategy", "total_rounds", b"total_rounds", "updates_received", b"updates_received"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -162,9 +170,11 @@ class ClientRoundEntry(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     outcome: _builtins.str
-    """"completed", "dropped" (missed the deadline), "rejected" (bad update)."""
+    """"completed", "dropped" (missed the deadline), "rejected" (bad update),
+    "declined" (the client turned the task down, e.g. memory).
+    """
     reason: _builtins.str
-    """Why, for "dropped" and "rejected"."""
+    """Why, for "dropped", "rejected" and "declined"."""
     bytes_down: _builtins.int
     """Serialized bytes of every message exchanged for this round, per direction."""
     bytes_up: _builtins.int
@@ -237,6 +247,8 @@ class LedgerRow(_message.Message):
     CLIENTS_FIELD_NUMBER: _builtins.int
     EXTRAS_FIELD_NUMBER: _builtins.int
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    DECLINED_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     strategy: _builtins.str
     cohort_size: _builtins.int
@@ -255,12 +267,20 @@ class LedgerRow(_message.Message):
     committed_unix_ms: _builtins.int
     model_sha256: _builtins.str
     """sha256 of the global model this round committed (a blob in the state directory)."""
+    declined: _builtins.int
+    """Sampled clients that turned their task down (see Fleet.DeclineTask)."""
     @_builtins.property
     def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientRoundEntry]: ...
     @_builtins.property
     def extras(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Strategy-specific figures (e.g. generator loss and seconds for FedGen, and
         federated_accuracy: the cohort's local test splits as the clients measured them).
+        """
+
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedClient]:
+        """Connected clients that were not eligible when the round opened, and why
+        (not ready by their own probes, or declined this kind of task for memory).
         """
 
     def __init__(
@@ -285,14 +305,38 @@ class LedgerRow(_message.Message):
         clients: _abc.Iterable[Global___ClientRoundEntry] | None = ...,
         extras: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         model_sha256: _builtins.str = ...,
+        skipped: _abc.Iterable[Global___SkippedClient] | None = ...,
+        declined: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "dropped", b"dropped", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "model_sha256", b"model_sha256", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "declined", b"declined", "dropped", b"dropped", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "model_sha256", b"model_sha256", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "skipped", b"skipped", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LedgerRow: _TypeAlias = LedgerRow  # noqa: Y015
+
+@_typing.final
+class SkippedClient(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedClient: _TypeAlias = SkippedClient  # noqa: Y015
 
 @_typing.final
 class Ledger(_message.Message):

@@ -63,6 +63,27 @@ ARTIFACT_KIND_GENERATOR_ONNX: ArtifactKind.ValueType  # 2
 """An ONNX generator."""
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 
+class _DeclineReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeclineReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECLINE_REASON_UNSPECIFIED: _DeclineReason.ValueType  # 0
+    DECLINE_REASON_MEMORY: _DeclineReason.ValueType  # 1
+    """The task would not fit the device's memory budget (see needed_memory_mb)."""
+    DECLINE_REASON_CONDITIONS: _DeclineReason.ValueType  # 2
+    """The device's conditions changed after it took the task (see DeviceState)."""
+
+class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper): ...
+
+DECLINE_REASON_UNSPECIFIED: DeclineReason.ValueType  # 0
+DECLINE_REASON_MEMORY: DeclineReason.ValueType  # 1
+"""The task would not fit the device's memory budget (see needed_memory_mb)."""
+DECLINE_REASON_CONDITIONS: DeclineReason.ValueType  # 2
+"""The device's conditions changed after it took the task (see DeviceState)."""
+Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
+
 @_typing.final
 class DeviceProfile(_message.Message):
     """What a device declares about itself when it joins."""
@@ -75,6 +96,7 @@ class DeviceProfile(_message.Message):
     SUPPORTED_ENCODINGS_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_MEMORY_MB_FIELD_NUMBER: _builtins.int
     memory_budget_mb: _builtins.int
     """Memory the client may use for training, in MiB (0 = not declared)."""
     link_down_bps: _builtins.int
@@ -86,6 +108,8 @@ class DeviceProfile(_message.Message):
     """Number of local training examples (used for FedAvg weighting hints only;
     the weight of an update is the num_examples it reports).
     """
+    available_memory_mb: _builtins.int
+    """Memory the operating system reported available when the client joined, MiB."""
     @_builtins.property
     def supported_encodings(self) -> _containers.RepeatedScalarFieldContainer[_tensor_pb2.Encoding.ValueType]:
         """Tensor encodings the client can decode (empty = ENCODING_RAW only)."""
@@ -99,14 +123,44 @@ class DeviceProfile(_message.Message):
         supported_encodings: _abc.Iterable[_tensor_pb2.Encoding.ValueType] | None = ...,
         platform: _builtins.str = ...,
         num_examples: _builtins.int = ...,
+        available_memory_mb: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["link_down_bps", b"link_down_bps", "link_up_bps", b"link_up_bps", "memory_budget_mb", b"memory_budget_mb", "num_examples", b"num_examples", "platform", b"platform", "supported_encodings", b"supported_encodings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_memory_mb", b"available_memory_mb", "link_down_bps", b"link_down_bps", "link_up_bps", b"link_up_bps", "memory_budget_mb", b"memory_budget_mb", "num_examples", b"num_examples", "platform", b"platform", "supported_encodings", b"supported_encodings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceProfile: _TypeAlias = DeviceProfile  # noqa: Y015
+
+@_typing.final
+class DeviceState(_message.Message):
+    """Whether the device is willing to train right now, from its own probes
+    (e.g. only on mains power, only on an unmetered link). Sent with every
+    PollTask and Heartbeat; a client that is not ready is not sampled, and the
+    round's ledger row says so with the reason. The default (unset) is ready.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOT_READY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    not_ready: _builtins.bool
+    reason: _builtins.str
+    """Why not, e.g. "on battery (38%)", "metered link"."""
+    def __init__(
+        self,
+        *,
+        not_ready: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_ready", b"not_ready", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceState: _TypeAlias = DeviceState  # noqa: Y015
 
 @_typing.final
 class JoinRequest(_message.Message):
@@ -172,16 +226,20 @@ class PollTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_WAIT_MS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     max_wait_ms: _builtins.int
     """How long the coordinator may hold the call open waiting for a task."""
+    @_builtins.property
+    def state(self) -> Global___DeviceState: ...
     def __init__(
         self,
         *,
         max_wait_ms: _builtins.int = ...,
+        state: Global___DeviceState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_wait_ms", b"max_wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_wait_ms", b"max_wait_ms", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,16 +639,20 @@ class HeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BUSY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     busy: _builtins.bool
     """True while the client is training on a task."""
+    @_builtins.property
+    def state(self) -> Global___DeviceState: ...
     def __init__(
         self,
         *,
         busy: _builtins.bool = ...,
+        state: Global___DeviceState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -648,3 +710,54 @@ class LeaveResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaveResponse: _TypeAlias = LeaveResponse  # noqa: Y015
+
+@_typing.final
+class DeclineTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    NEEDED_MEMORY_MB_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_MB_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    task_id: _builtins.str
+    reason: Global___DeclineReason.ValueType
+    detail: _builtins.str
+    """Human-readable detail, e.g. "needs 412 MiB, budget 384 MiB"."""
+    needed_memory_mb: _builtins.int
+    """For DECLINE_REASON_MEMORY: the client's estimate of the peak the task needs, MiB."""
+    memory_budget_mb: _builtins.int
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        task_id: _builtins.str = ...,
+        reason: Global___DeclineReason.ValueType = ...,
+        detail: _builtins.str = ...,
+        needed_memory_mb: _builtins.int = ...,
+        memory_budget_mb: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "memory_budget_mb", b"memory_budget_mb", "needed_memory_mb", b"needed_memory_mb", "reason", b"reason", "round", b"round", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineTaskRequest: _TypeAlias = DeclineTaskRequest  # noqa: Y015
+
+@_typing.final
+class DeclineTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineTaskResponse: _TypeAlias = DeclineTaskResponse  # noqa: Y015

@@ -64,6 +64,11 @@ class FleetStub:
                 request_serializer=fedgen_dot_v1_dot_fleet__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=fedgen_dot_v1_dot_fleet__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.DeclineTask = channel.unary_unary(
+                '/fedgen.v1.Fleet/DeclineTask',
+                request_serializer=fedgen_dot_v1_dot_fleet__pb2.DeclineTaskRequest.SerializeToString,
+                response_deserializer=fedgen_dot_v1_dot_fleet__pb2.DeclineTaskResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -113,6 +118,15 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineTask(self, request, context):
+        """The client turns down a task it was given, and says why (e.g. it would not
+        fit the device's memory budget). The round goes on without it; for a memory
+        reason the coordinator stops sampling it for tasks of the same kind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +159,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=fedgen_dot_v1_dot_fleet__pb2.LeaveRequest.FromString,
                     response_serializer=fedgen_dot_v1_dot_fleet__pb2.LeaveResponse.SerializeToString,
+            ),
+            'DeclineTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineTask,
+                    request_deserializer=fedgen_dot_v1_dot_fleet__pb2.DeclineTaskRequest.FromString,
+                    response_serializer=fedgen_dot_v1_dot_fleet__pb2.DeclineTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +328,33 @@ class Fleet:
             '/fedgen.v1.Fleet/Leave',
             fedgen_dot_v1_dot_fleet__pb2.LeaveRequest.SerializeToString,
             fedgen_dot_v1_dot_fleet__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgen.v1.Fleet/DeclineTask',
+            fedgen_dot_v1_dot_fleet__pb2.DeclineTaskRequest.SerializeToString,
+            fedgen_dot_v1_dot_fleet__pb2.DeclineTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,11 @@ class FleetStub:
     """Tells the coordinator the client is alive (and, optionally, busy training)."""
     Leave: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.LeaveRequest, _fleet_pb2.LeaveResponse]
     """The client leaves the federation; its credential stops working."""
+    DeclineTask: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.DeclineTaskRequest, _fleet_pb2.DeclineTaskResponse]
+    """The client turns down a task it was given, and says why (e.g. it would not
+    fit the device's memory budget). The round goes on without it; for a memory
+    reason the coordinator stops sampling it for tasks of the same kind.
+    """
 
 @_typing.type_check_only
 class FleetAsyncStub(FleetStub):
@@ -89,6 +94,11 @@ class FleetAsyncStub(FleetStub):
     """Tells the coordinator the client is alive (and, optionally, busy training)."""
     Leave: _aio.UnaryUnaryMultiCallable[_fleet_pb2.LeaveRequest, _fleet_pb2.LeaveResponse]  # type: ignore[assignment]
     """The client leaves the federation; its credential stops working."""
+    DeclineTask: _aio.UnaryUnaryMultiCallable[_fleet_pb2.DeclineTaskRequest, _fleet_pb2.DeclineTaskResponse]  # type: ignore[assignment]
+    """The client turns down a task it was given, and says why (e.g. it would not
+    fit the device's memory budget). The round goes on without it; for a memory
+    reason the coordinator stops sampling it for tasks of the same kind.
+    """
 
 class FleetServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -142,5 +152,16 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.LeaveResponse, _abc.Awaitable[_fleet_pb2.LeaveResponse]]:
         """The client leaves the federation; its credential stops working."""
+
+    @_abc_1.abstractmethod
+    def DeclineTask(
+        self,
+        request: _fleet_pb2.DeclineTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.DeclineTaskResponse, _abc.Awaitable[_fleet_pb2.DeclineTaskResponse]]:
+        """The client turns down a task it was given, and says why (e.g. it would not
+        fit the device's memory budget). The round goes on without it; for a memory
+        reason the coordinator stops sampling it for tasks of the same kind.
+        """
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,133 @@
+"""The device's memory budget: what the process uses, what a task would need, and whether it fits.
+
+Measured, not guessed, where Linux lets us: the resident set (VmRSS) and its peak (VmHWM) come
+from /proc/self/status, and the peak is reset before each round (/proc/self/clear_refs), so the
+figure reported for a round is that round's own peak. The estimate of what a task needs is a pure
+function (`plan_task`) so the decision to decline is testable without a device.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+_LOGGER = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+#: Head-room kept free for the allocator, Python objects and gRPC buffers during a round.
+SAFETY_MIB = 24.0
+#: Bytes of activations (forward kept for backward, plus gradients) per training example of the
+#: MNIST classifier, with margin: conv0 6x14x14 + conv1 16x7x7 + fc 32 + logits, x4 bytes x ~6.
+ACTIVATION_BYTES_PER_EXAMPLE = 64 * 1024
+#: Copies of the model a round holds at once: the decoded global state, the torch module, its
+#: gradients, the FedProx anchor or the encoded upload, and the serialized payload.
+MODEL_COPIES = 5
+#: onnxruntime's session for the generator: the graph, its weights, arenas; a multiple of its file.
+ONNX_SESSION_FACTOR = 4.0
+ONNX_SESSION_BASE_MIB = 8.0
+
+
+def _status_kib(field: str, status: Path = Path("/proc/self/status")) -> float | None:
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])  # "VmRSS:   123456 kB"
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float | None:
+    """Resident set size of this process now, MiB (None where /proc is missing)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident set size since the last `reset_peak_rss()` (or process start), MiB."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0), so the next peak is one round's own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def available_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    """MemAvailable: what the kernel thinks can be given to a new workload without swapping."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def effective_budget_mib(declared_mib: float, available_mib: float | None, current_rss_mib: float | None) -> float | None:
+    """The budget the client holds itself to: the declared one, but never more than the process
+    could grow to (what it holds now plus what the OS says is available). None = no limit known."""
+    ceiling = None if available_mib is None else available_mib + (current_rss_mib or 0.0)
+    if declared_mib > 0:
+        return declared_mib if ceiling is None else min(declared_mib, ceiling)
+    return ceiling
+
+
+@dataclass(frozen=True)
+class TaskNeeds:
+    """What one local round holds in memory besides what the process holds already."""
+
+    model_bytes: int  # the global model artifact
+    generator_bytes: int  # the ONNX generator artifact (0 without FedGen's regulariser)
+    batch_size: int  # the task's batch size
+    gen_batch_size: int = 0  # generated latents per step (FedGen)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    fits: bool
+    # Examples per forward/backward pass: the task's batch is split into micro-batches whose
+    # gradients are accumulated, so the optimisation step is the same.
+    micro_batch: int
+    needed_mib: float  # estimated peak of the round
+    budget_mib: float | None
+    reason: str = ""
+
+
+def plan_task(baseline_mib: float, budget_mib: float | None, needs: TaskNeeds,
+              activation_bytes: int = ACTIVATION_BYTES_PER_EXAMPLE) -> MemoryPlan:
+    """The largest micro-batch that keeps the round's estimated peak within the budget.
+
+    peak = baseline (the process now) + model copies + generator session + activations of one
+    micro-batch (and the generated latents) + a safety margin.
+    """
+    fixed = (baseline_mib + MODEL_COPIES * needs.model_bytes / MIB + SAFETY_MIB
+             + (ONNX_SESSION_BASE_MIB + ONNX_SESSION_FACTOR * needs.generator_bytes / MIB if needs.generator_bytes else 0.0))
+    per_example = activation_bytes / MIB
+
+    def need(micro: int) -> float:
+        return fixed + per_example * (micro + needs.gen_batch_size)
+
+    if budget_mib is None:
+        return MemoryPlan(True, needs.batch_size, need(needs.batch_size), None)
+    for micro in _divisor_sizes(needs.batch_size):
+        if need(micro) <= budget_mib:
+            return MemoryPlan(True, micro, need(micro), budget_mib)
+    return MemoryPlan(False, 1, need(1), budget_mib,
+                      f"needs about {math.ceil(need(1))} MiB even one example at a time; budget {budget_mib:.0f} MiB")
+
+
+def _divisor_sizes(batch: int) -> list[int]:
+    """Micro-batch sizes to try, largest first: the batch, then halvings down to 1."""
+    sizes, m = [], max(1, batch)
+    while True:
+        sizes.append(m)
+        if m == 1:
+            return sizes
+        m = max(1, m // 2)

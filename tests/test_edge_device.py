@@ -1,0 +1,191 @@
+"""The edge client on a device: its memory budget, its readiness probes, its light install."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.config import parse_config
+from coordinator.local import LocalFederation, write_shards
+from edge_client.budget import (MIB, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
+                                plan_task, reset_peak_rss, rss_mib)
+from edge_client.conditions import combine, command_probe, on_mains_power
+from edge_client.trainer import LocalTrainer, TrainPlan
+from fedcore.data import load_idx_dataset
+from fedcore.models import Classifier, state_to_numpy
+from fedgen.v1 import control_pb2, control_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "edge-test-enrollment-token"
+MODEL_BYTES = 106_481
+#: A readiness probe that always answers "not ready", with a reason.
+NOT_READY_COMMAND = "sh -c \"echo 'on battery (12%)'; exit 1\""
+GENERATOR_BYTES = 80_000
+
+
+# ------------------------------------------------------------------ the budget, as pure functions
+
+def test_a_task_fits_at_full_batch_when_memory_is_plenty() -> None:
+    plan = plan_task(300.0, 1024.0, TaskNeeds(MODEL_BYTES, GENERATOR_BYTES, 32, 32))
+    assert plan.fits and plan.micro_batch == 32 and 300 < plan.needed_mib < 1024
+
+
+def test_a_tight_budget_trains_in_micro_batches_and_a_tiny_one_declines() -> None:
+    needs = TaskNeeds(MODEL_BYTES, GENERATOR_BYTES, 32, 32)
+    full = plan_task(300.0, None, needs).needed_mib
+    one = plan_task(300.0, 1e9, TaskNeeds(MODEL_BYTES, GENERATOR_BYTES, 1, 32)).needed_mib
+    tight = plan_task(300.0, (full + one) / 2, needs)
+    assert tight.fits and 1 <= tight.micro_batch < 32 and tight.needed_mib <= (full + one) / 2
+    tiny = plan_task(300.0, 256.0, needs)
+    assert not tiny.fits and "budget 256 MiB" in tiny.reason and tiny.needed_mib > 256
+
+
+def test_the_budget_never_exceeds_what_the_os_can_give() -> None:
+    assert effective_budget_mib(4096, available_mib=500, current_rss_mib=300) == 800
+    assert effective_budget_mib(384, available_mib=5000, current_rss_mib=300) == 384
+    assert effective_budget_mib(0, available_mib=500, current_rss_mib=300) == 800  # undeclared: what there is
+    assert effective_budget_mib(0, None, None) is None
+
+
+def test_rss_is_measured_from_proc_and_the_peak_resets() -> None:
+    now = rss_mib()
+    assert now is not None and now > 10 and available_memory_mib() is not None
+    block = np.ones(64 * MIB // 8)  # 64 MiB, touched
+    high = peak_rss_mib()
+    del block
+    assert high is not None and high >= now + 50
+    assert reset_peak_rss()
+    after = peak_rss_mib()
+    assert after is not None and after < high - 40  # the peak now starts from here
+
+
+def test_micro_batches_add_up_to_the_same_step() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)  # raw bytes, normalised per batch
+    labels = rng.integers(0, 10, 64)
+    state = state_to_numpy(Classifier())
+    plan = TrainPlan(3, 16, 0.05, "fedavg")
+    full = LocalTrainer(images, labels, seed=1).train(state, plan)
+    micro = LocalTrainer(images, labels, seed=1).train(state, TrainPlan(3, 16, 0.05, "fedavg", micro_batch=4))
+    assert full.label_counts == micro.label_counts
+    # BatchNorm sees 4 examples at a time instead of 16, so the steps are close, not identical.
+    diff = max(float(np.abs(full.state[k] - micro.state[k]).max()) for k in full.state if k.endswith("weight"))
+    assert 0 < diff < 0.05
+
+
+# ------------------------------------------------------------------ readiness probes
+
+def test_mains_probe_reads_sysfs(tmp_path: Path) -> None:
+    assert on_mains_power(tmp_path / "absent") is None  # no power-supply reporting: a board on mains
+    bat = tmp_path / "BAT0"
+    bat.mkdir()
+    (bat / "type").write_text("Battery\n")
+    (bat / "capacity").write_text("38\n")
+    assert on_mains_power(tmp_path) == "on battery (38%)"
+    ac = tmp_path / "AC"
+    ac.mkdir()
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("1\n")
+    assert on_mains_power(tmp_path) is None
+
+
+def test_command_probe_and_combination() -> None:
+    assert command_probe("true")() is None
+    assert command_probe("sh -c 'echo metered link; exit 1'")() == "metered link"
+    assert command_probe("false")() == "readiness probe exited 1"
+    assert combine([command_probe("true"), command_probe("sh -c 'echo nope; exit 3'")])() == "nope"
+
+
+# ------------------------------------------------------------------ a light install
+
+COORDINATOR_ONLY = ("coordinator", "onnx", "grpc_health", "grpc_reflection", "rich", "matplotlib", "pydantic",
+                    "export.onnx_export", "torch.onnx")
+
+
+def test_the_edge_client_imports_nothing_coordinator_only() -> None:
+    """A fresh interpreter where the coordinator-only packages cannot be imported (as on a device
+    with the base install) imports and sets up the whole edge client, and loads none of them."""
+    blocked = [m for m in COORDINATOR_ONLY if "." not in m]
+    code = f"""
+import importlib.abc, json, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (coordinator-only)")
+        return None
+sys.meta_path.insert(0, Absent())
+import edge_client.cli, edge_client.runner, edge_client.generator_runtime, edge_client.budget, edge_client.conditions
+edge_client.cli.build_parser()
+print(json.dumps(sorted(sys.modules)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert not [m for m in COORDINATOR_ONLY if m in loaded]
+
+
+# ------------------------------------------------------------------ over the wire
+
+@pytest.mark.integration
+def test_budget_and_conditions_decide_who_is_sampled(mnist_dir: Path, tmp_path: Path) -> None:
+    """client-00 trains; client-01's budget cannot hold a round, so it declines (and is not sampled
+    for that kind of task again); client-02 is never ready by its own probe. The ledger says why."""
+    train = load_idx_dataset(mnist_dir, "train")
+    test = load_idx_dataset(mnist_dir, "test")
+    shards, _ = write_shards(train, tmp_path / "shards", n_clients=3, alpha=1.0, seed=9, samples_per_class=100,
+                             test=test)
+    config = parse_config({
+        "state_dir": str(tmp_path / "state"),
+        "server": {"address": "127.0.0.1:0"},
+        "federation": {"strategy": "fedgen", "rounds": 3, "clients_per_round": 3, "min_clients": 1,
+                       "min_completed": 1, "round_timeout_s": 120, "seed": 2},
+        "training": {"local_steps": 5},
+        "fedgen": {"device": "cpu"},
+        "data": {"test_data_dir": str(mnist_dir)},
+        "auth": {"enrollment_tokens": [TOKEN]},
+    })
+    per_client = {1: ["--memory-budget-mb", "100"], 2: ["--ready-command", NOT_READY_COMMAND]}
+    with LocalFederation(config, shards, tmp_path, per_client_args=per_client, client_log_level="INFO") as fed:
+        fed.start_coordinator()
+        with fed.channel() as channel:
+            control = control_pb2_grpc.ControlStub(channel)
+            control.Pause(control_pb2.PauseRequest(), timeout=5)  # round 0 waits for all three
+            fed.start_clients(TOKEN)
+            until = time.monotonic() + 180
+            while control.GetStatus(control_pb2.GetStatusRequest(), timeout=5).connected_clients < 3:
+                assert time.monotonic() < until, "clients did not join"
+                time.sleep(0.2)
+            status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
+            assert status.eligible_clients == 2  # client-02 is connected but not ready
+            control.Resume(control_pb2.ResumeRequest(), timeout=5)
+        events = list(fed.events(timeout_s=300))
+        assert events[-1].kind == control_pb2.RoundEvent.KIND_FEDERATION_FINISHED
+        assert fed.wait_clients(timeout_s=120) == [0, 0, 0]
+        rows = fed.ledger()
+
+    assert [r.round for r in rows] == [0, 1, 2]
+    r0 = rows[0]
+    outcomes = {c.client_id: (c.outcome, c.reason) for c in r0.clients}
+    assert outcomes["client-00"][0] == "completed"
+    assert outcomes["client-01"][0] == "declined" and "memory: needs" in outcomes["client-01"][1]
+    assert "budget 100 MiB" in outcomes["client-01"][1] and r0.declined == 1
+    assert {s.client_id: s.reason for s in r0.skipped} == {"client-02": "not ready: on battery (12%)"}
+    for r in rows[1:]:
+        assert [c.client_id for c in r.clients] == ["client-00"] and r.completed == 1
+        skipped = {s.client_id: s.reason for s in r.skipped}
+        assert skipped["client-02"] == "not ready: on battery (12%)"
+        assert skipped["client-01"].startswith("declined this kind of task: needs")
+    # What each round cost the device, measured on it, is in the ledger.
+    for r in rows:
+        (entry,) = [c for c in r.clients if c.client_id == "client-00"]
+        m = entry.metrics
+        assert m["peak_rss_mb"] >= m["rss_before_mb"] > 50 and m["cpu_seconds"] > 0
+        assert m["peak_rss_mb"] <= m["memory_budget_mb"]
+        assert r.extras["client_peak_rss_mb_max"] == m["peak_rss_mb"]
+    assert torch.get_num_threads() >= 1
