@@ -135,6 +135,9 @@ class OpenRound:
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_down: Counter[str] = field(default_factory=Counter)
     closed: bool = False
+    # Held from an upload's last check to its entry in `accepted`, and by the engine to close the
+    # round: an update is either counted or refused, never acknowledged and then left out.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def all_in(self) -> bool:
@@ -445,11 +448,17 @@ class Federation:
             bytes_up=bytes_up,
             received_ms=_now_ms(),
         )
-        if r.closed or self._round is not r:
-            raise errors.FailedPrecondition(f"round {r.round} closed while the update was being checked")
-        await asyncio.to_thread(self.store.add_update, update)
-        r.accepted[client_id] = update
-        r.rejected.pop(client_id, None)  # a corrected retry within the round replaces a rejection
+        async with r.lock:
+            if r.closed or self._round is not r:
+                raise errors.FailedPrecondition(f"round {r.round} closed while the update was being checked")
+            earlier = r.accepted.get(client_id)
+            if earlier is not None:  # a concurrent retry of the same upload got here first
+                if earlier.idempotency_key == update.idempotency_key:
+                    return UploadResult(r.round, True, earlier.bytes_up)
+                raise errors.FailedPrecondition(f"{client_id} already delivered an update for round {r.round}")
+            await asyncio.to_thread(self.store.add_update, update)
+            r.accepted[client_id] = update
+            r.rejected.pop(client_id, None)  # a corrected retry within the round replaces a rejection
         _LOGGER.info("[Fleet.UploadUpdate] round %d: accepted update from %s (%d bytes)", r.round, client_id, bytes_up)
         self._emit(Event("accepted", r.round, client_id, cohort_size=len(r.cohort), updates_received=len(r.accepted)))
         await self._notify()
@@ -544,7 +553,8 @@ class Federation:
         assert r is not None
         while not r.all_in and _now_ms() < r.deadline_ms:
             await self._wait_changed(min(1.0, max(0.01, (r.deadline_ms - _now_ms()) / 1000)))
-        r.closed = True
+        async with r.lock:  # waits for an upload between its last check and its acknowledgement
+            r.closed = True
         await self._notify()
         wait_s = (_now_ms() - r.opened_ms) / 1000
         if len(r.accepted) < self.config.federation.min_completed:

@@ -254,3 +254,53 @@ def test_a_client_killed_mid_round_comes_back_and_the_federation_finishes(mnist_
     assert [r.round for r in rows] == [0, 1, 2]
     assert all(r.completed == 3 for r in rows)
     assert {c.client_id for c in rows[1].clients if c.outcome == "completed"} == {"client-00", "client-01", "client-02"}
+
+
+def test_an_acknowledged_update_is_never_left_out_of_its_round(tmp_path: Path) -> None:
+    """The round's deadline passes while an update is being written (a slow fsync): the update is
+    either in the round or refused; it is never acknowledged and then recorded as dropped."""
+    import asyncio
+
+    from coordinator.federation import TrainAssignment, UploadHeader
+    from coordinator.server import build_federation
+
+    async def scenario() -> tuple[object, dict[str, str]]:
+        cfg = parse_config({"state_dir": str(tmp_path / "state"), "data": {"test_data_dir": "builtin"},
+                            "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 2,
+                                           "min_clients": 2, "min_completed": 1, "round_timeout_s": 1.0},
+                            "auth": {"enrollment_tokens": [TOKEN]}})
+        fed = build_federation(cfg)
+        a, _ = await fed.join(TOKEN, {}, "a")
+        b, _ = await fed.join(TOKEN, {}, "b")
+        engine = asyncio.create_task(fed.run())
+        ta, tb = await fed.poll(a, 5), await fed.poll(b, 5)
+        assert isinstance(ta, TrainAssignment) and isinstance(tb, TrainAssignment)
+        payload = bundle_to_bytes(encode_state(fed.load_state(ta.model_sha256), EncodingSpec()))
+
+        def header(t: TrainAssignment, key: str) -> UploadHeader:
+            return UploadHeader(t.round, t.task_id, key, 10, (1,) * 10, len(payload),
+                                hashlib.sha256(payload).hexdigest(), {}, 0.0)
+
+        await fed.accept_upload(a, header(ta, "ka"), payload, len(payload))
+        real_add = fed.store.add_update
+
+        def slow_add(u):  # type: ignore[no-untyped-def]
+            time.sleep(max(0.0, ta.deadline_unix_ms / 1000 - time.time()) + 0.3)  # past the deadline
+            real_add(u)
+
+        fed.store.add_update = slow_add  # type: ignore[method-assign]
+        try:
+            ack = await fed.accept_upload(b, header(tb, "kb"), payload, len(payload))
+        except Exception as err:  # refused is fine: it was not acknowledged
+            ack = err
+        await engine
+        row = fed.store.ledger()[0]
+        fed.store.close()
+        return ack, {c["client_id"]: c["outcome"] for c in row["clients"]}
+
+    ack, outcomes = asyncio.run(scenario())
+    assert outcomes["a"] == "completed"
+    if isinstance(ack, Exception):
+        assert outcomes["b"] == "dropped"
+    else:
+        assert ack.round == 0 and outcomes["b"] == "completed", (ack, outcomes)
