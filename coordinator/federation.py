@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -163,7 +163,8 @@ class Federation:
         self._enrollment_hashes = config.auth.enrollment_hashes()
         self._clients: dict[str, ClientRecord] = {}
         self._polling: Counter[str] = Counter()  # long polls in flight per client
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Condition()  # the round engine waits on this
+        self._poll_wake: dict[str, asyncio.Event] = {}
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._round: OpenRound | None = None
         self._paused = False
@@ -332,20 +333,32 @@ class Federation:
             self._clients[client_id].last_seen = time.monotonic()
 
     async def _poll_until(self, client_id: str, until: float) -> Assignment:
+        """Waits on this client's own event, set only when its answer may have changed (a round
+        opened with it in the cohort, or the federation finished): with N clients polling, an
+        upload or a join wakes no poll at all, instead of all N."""
         loop = asyncio.get_running_loop()
-        async with self._changed:
-            while True:
-                self._clients[client_id].last_seen = time.monotonic()
-                assignment = self._assignment_for(client_id)
-                if assignment is not None:
-                    return assignment
-                remaining = until - loop.time()
-                if remaining <= 0:
-                    return WaitAssignment(100, self._wait_reason(client_id))  # a long poll: ask again at once
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except TimeoutError:
-                    pass
+        while True:
+            self._clients[client_id].last_seen = time.monotonic()
+            assignment = self._assignment_for(client_id)
+            if assignment is not None:
+                return assignment
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return WaitAssignment(100, self._wait_reason(client_id))  # a long poll: ask again at once
+            wake = self._poll_wake.setdefault(client_id, asyncio.Event())
+            wake.clear()  # no await since the check above: a wake-up cannot be missed
+            try:
+                await asyncio.wait_for(wake.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _wake_polls(self, client_ids: Iterable[str] | None = None) -> None:
+        """Wakes the long polls of these clients (all when None) to look at their assignment again."""
+        targets = self._poll_wake.keys() if client_ids is None else client_ids
+        for cid in list(targets):
+            event = self._poll_wake.get(cid)
+            if event is not None:
+                event.set()
 
     def _assignment_for(self, client_id: str) -> Assignment | None:
         if self.finished:
@@ -520,6 +533,7 @@ class Federation:
                 r.accepted[u.client_id] = u
             await asyncio.to_thread(self.store.set_round_deadline, r.round, r.attempt, deadline)
             self._round = r
+            self._wake_polls(r.cohort)
             _LOGGER.info("recovered round %d with %d acknowledged update(s)", r.round, len(r.accepted))
         await asyncio.to_thread(lambda: self.ledger.write(self.store.ledger()))
         self.recovering = False
@@ -546,6 +560,7 @@ class Federation:
                                 self.strategy.configure_round(round_), artifacts, skipped=skipped)
         _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
         self._emit(Event("opened", round_, cohort_size=len(cohort)))
+        self._wake_polls(cohort)
         await self._notify()
 
     async def _run_open_round(self) -> None:
@@ -670,6 +685,7 @@ class Federation:
         self.finished = True
         _LOGGER.info("federation %s finished: %s", self.federation_id, reason)
         self._emit(Event("finished", self.current_round, message=reason))
+        self._wake_polls()
         await self._notify()
 
     # --------------------------------------------------------------- control

@@ -25,7 +25,10 @@ _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# Transient: the link dropped or the coordinator restarts. A coordinator that is draining
+# (SIGTERM) answers new calls with UNAVAILABLE or CANCELLED. Every call may be retried: polls and
+# heartbeats are harmless, downloads resume at their offset, uploads carry an idempotency key.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 class FleetCallError(RuntimeError):

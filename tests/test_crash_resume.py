@@ -212,8 +212,8 @@ def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> 
         while True:
             try:
                 stub.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=2, metadata=md)
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
+            except grpc.RpcError as err:  # grpc.aio answers a call that arrives while it drains either way
+                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
                 break
             assert time.monotonic() < until, "the coordinator kept taking new calls after SIGTERM"
             time.sleep(0.05)

@@ -84,7 +84,7 @@ def federation(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # ty
         # A short heartbeat timeout: the test's own clients fall out of the sample after round 0.
         # FedAvg: this test is about the protocol; FedGen over the wire has its own test below.
         "federation": {"strategy": "fedavg", "rounds": 4, "clients_per_round": 6, "min_clients": 3, "min_completed": 3,
-                       "round_timeout_s": 12, "heartbeat_timeout_s": 4, "seed": 3},
+                       "round_timeout_s": 20, "heartbeat_timeout_s": 4, "seed": 3},
         "training": {"local_steps": 20, "learning_rate": 0.05},
         "data": {"test_data_dir": str(mnist_dir)},
         "auth": {"enrollment_tokens": [TOKEN], "operator_token": OPERATOR},
