@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.config import ConfigError, CoordinatorConfig, load_config
+try:
+    from coordinator.config import ConfigError, CoordinatorConfig, load_config
+except ImportError as _missing:  # the base install is the edge client; the coordinator is an extra
+    raise SystemExit(f"fedgen: {_missing.name} is missing: the coordinator needs its extra, "
+                     "pip install 'fedgen-edge[coordinator]' (or pip install '.[coordinator]' from a checkout)") from None
 from coordinator.store import atomic_write
 
 _LOGGER = logging.getLogger("coordinator")
