@@ -300,7 +300,7 @@ class Federation:
             _LOGGER.info("[Fleet] %s is %s", client_id, f"not ready ({record.not_ready})" if not_ready else "ready")
             await self._notify()
 
-    async def decline(self, client_id: str, round_: int, task_id: str, memory: bool, detail: str) -> None:
+    async def decline(self, client_id: str, round_: int, task_id: str, kind: str, detail: str) -> None:
         """A sampled client turns its task down; for memory, it is not sampled for this kind of task again."""
         r = self._round
         if r is None or r.closed or r.round != round_ or r.cohort.get(client_id) != task_id:
@@ -308,9 +308,9 @@ class Federation:
         if client_id in r.accepted:
             raise errors.FailedPrecondition(f"{client_id} already delivered an update for round {round_}")
         detail = (detail or "no detail given")[:300]
-        reason = f"{'memory' if memory else 'conditions'}: {detail}"
+        reason = f"{kind}: {detail}"
         r.declined[client_id] = reason
-        if memory:
+        if kind == "memory":
             self._clients[client_id].declined_kinds[self.task_kind()] = detail
         _LOGGER.warning("round %d: %s declined its task (%s)", round_, client_id, reason)
         self._emit(Event("rejected", round_, client_id, message=f"declined: {reason}"))

@@ -183,12 +183,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             detail = f"needs {request.needed_memory_mb} MiB, budget {request.memory_budget_mb} MiB"
             if request.detail:
                 detail += f" ({request.detail[:200]})"
-        elif request.reason == fleet_pb2.DECLINE_REASON_CONDITIONS:
+        elif request.reason in (fleet_pb2.DECLINE_REASON_CONDITIONS, fleet_pb2.DECLINE_REASON_ARTIFACT):
             detail = request.detail[:200]
         else:
-            raise errors.InvalidArgument("DeclineTask needs a reason (DECLINE_REASON_MEMORY or _CONDITIONS)")
-        await self.fed.decline(client_id, request.round, request.task_id,
-                               request.reason == fleet_pb2.DECLINE_REASON_MEMORY, detail)
+            raise errors.InvalidArgument("DeclineTask needs a reason (DECLINE_REASON_MEMORY, _CONDITIONS or _ARTIFACT)")
+        kind = {fleet_pb2.DECLINE_REASON_MEMORY: "memory", fleet_pb2.DECLINE_REASON_CONDITIONS: "conditions",
+                fleet_pb2.DECLINE_REASON_ARTIFACT: "artifact"}[request.reason]
+        await self.fed.decline(client_id, request.round, request.task_id, kind, detail)
         return fleet_pb2.DeclineTaskResponse()
 
     @unary_errors

@@ -185,7 +185,18 @@ def _generator_for(conn: FleetConnection, task: fleet_pb2.TrainTask, cache_dir: 
     refs = [a for a in task.extra_artifacts if a.kind == fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX]
     if not refs:
         raise FleetCallError(grpc.StatusCode.FAILED_PRECONDITION, "task asks for the regulariser but ships no generator")
-    return OnnxGenerator(conn.fetch_artifact(refs[0], cache_dir), threads=threads)
+    return OnnxGenerator(_fetch_verified(conn, refs[0], cache_dir), threads=threads)
+
+
+def _fetch_verified(conn: FleetConnection, ref: fleet_pb2.ArtifactRef, cache_dir: Path) -> Path:
+    """The artifact, digest-checked; one fresh download more if the first failed its check."""
+    try:
+        return conn.fetch_artifact(ref, cache_dir)
+    except FleetCallError as err:
+        if err.code != grpc.StatusCode.DATA_LOSS:
+            raise
+        _LOGGER.warning("%s; downloading it again", err.message)
+        return conn.fetch_artifact(ref, cache_dir)
 
 
 def _fmt_mib(v: float | None) -> str:
@@ -219,9 +230,16 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         return "declined"
     reset_peak_rss()
     rss_before, cpu_before = rss_mib(), time.process_time()
-    model_path = conn.fetch_artifact(task.global_model, cache_dir)
-    state = decode_state(bundle_from_bytes(model_path.read_bytes()))
-    generator = _generator_for(conn, task, cache_dir, device.threads)
+    try:
+        model_path = _fetch_verified(conn, task.global_model, cache_dir)
+        state = decode_state(bundle_from_bytes(model_path.read_bytes()))
+        generator = _generator_for(conn, task, cache_dir, device.threads)
+    except FleetCallError as err:
+        if err.code != grpc.StatusCode.DATA_LOSS:
+            raise
+        conn.decline(task, fleet_pb2.DECLINE_REASON_ARTIFACT, err.message)
+        _LOGGER.error("round %d: declined: %s", task.round, err.message)
+        return "declined"
     cfg = task.config
     plan = TrainPlan(
         cfg.local_steps, cfg.batch_size, cfg.learning_rate, cfg.strategy,

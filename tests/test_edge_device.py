@@ -189,3 +189,55 @@ def test_budget_and_conditions_decide_who_is_sampled(mnist_dir: Path, tmp_path: 
         assert m["peak_rss_mb"] <= m["memory_budget_mb"]
         assert r.extras["client_peak_rss_mb_max"] == m["peak_rss_mb"]
     assert torch.get_num_threads() >= 1
+
+
+# ------------------------------------------------------------------ a corrupt artifact on the way
+
+class _HostileFleet:
+    """A server that answers DownloadArtifact with bytes that do not match the id asked for
+    (what a corrupting link or a compromised proxy would deliver)."""
+
+    def __init__(self, good: bytes, truncate: bool) -> None:
+        self.good, self.truncate, self.calls = good, truncate, 0
+
+    def DownloadArtifact(self, request, context):  # type: ignore[no-untyped-def]
+        from fedgen.v1 import fleet_pb2
+
+        self.calls += 1
+        data = self.good[: len(self.good) // 2] if self.truncate else bytes([self.good[0] ^ 0xFF]) + self.good[1:]
+        yield fleet_pb2.ArtifactChunk(artifact_id=request.artifact_id, offset=request.offset,
+                                      data=data[request.offset :], total_size=len(data))
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["flipped-byte", "truncated"])
+def test_an_artifact_that_fails_its_digest_is_never_used(tmp_path: Path, truncate: bool) -> None:
+    import hashlib
+    from concurrent import futures
+
+    import grpc
+
+    from edge_client.connection import FleetCallError, FleetConnection
+    from fedgen.v1 import fleet_pb2, fleet_pb2_grpc
+
+    good = b"generator-or-model-bytes" * 100
+    hostile = _HostileFleet(good, truncate)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedgen.v1.Fleet", {
+        "DownloadArtifact": grpc.unary_stream_rpc_method_handler(
+            hostile.DownloadArtifact, request_deserializer=fleet_pb2.DownloadRequest.FromString,
+            response_serializer=fleet_pb2.ArtifactChunk.SerializeToString)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        conn = FleetConnection(f"127.0.0.1:{port}")
+        conn._credential = "x.y"  # the hostile server does not check it
+        digest = hashlib.sha256(good).hexdigest()
+        ref = fleet_pb2.ArtifactRef(artifact_id=digest, size_bytes=len(good))
+        with pytest.raises(FleetCallError) as err:
+            conn.fetch_artifact(ref, tmp_path / "cache")
+        assert err.value.code == grpc.StatusCode.DATA_LOSS and "failed its digest check" in err.value.message
+        assert list((tmp_path / "cache").iterdir()) == []  # nothing kept, nothing to be used later
+        conn.close()
+    finally:
+        server.stop(0)
+    assert fleet_pb2_grpc is not None and hostile.calls == 1

@@ -233,6 +233,15 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
 
     status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=5, metadata=op)
     assert status.state == control_pb2.FEDERATION_STATE_FINISHED and status.current_round == 4
+
+    # Server reflection (what grpcurl uses) lists our services and the standard ones.
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    (answer,) = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                   timeout=5))
+    services = {s.name for s in answer.list_services_response.service}
+    assert {"fedgen.v1.Fleet", "fedgen.v1.Control", "grpc.health.v1.Health"} <= services
     channel.close()
 
 

@@ -74,6 +74,10 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """The task would not fit the device's memory budget (see needed_memory_mb)."""
     DECLINE_REASON_CONDITIONS: _DeclineReason.ValueType  # 2
     """The device's conditions changed after it took the task (see DeviceState)."""
+    DECLINE_REASON_ARTIFACT: _DeclineReason.ValueType  # 3
+    """An artifact of the task failed its digest check twice (corrupt or truncated
+    on the way); the client used nothing of it.
+    """
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper): ...
 
@@ -82,6 +86,10 @@ DECLINE_REASON_MEMORY: DeclineReason.ValueType  # 1
 """The task would not fit the device's memory budget (see needed_memory_mb)."""
 DECLINE_REASON_CONDITIONS: DeclineReason.ValueType  # 2
 """The device's conditions changed after it took the task (see DeviceState)."""
+DECLINE_REASON_ARTIFACT: DeclineReason.ValueType  # 3
+"""An artifact of the task failed its digest check twice (corrupt or truncated
+on the way); the client used nothing of it.
+"""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 @_typing.final
