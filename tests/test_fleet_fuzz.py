@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 from coordinator.config import CoordinatorConfig, parse_config
 from coordinator.local import LocalFederation
+from coordinator.servicers import MIN_CHUNK_BYTES
 from fedcore.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
@@ -487,7 +488,8 @@ def check_response(fleet: Fleet, rpc: str, request: bytes | list[bytes], out: Ou
         offset = req.offset
         for chunk in responses:
             assert chunk.artifact_id == req.artifact_id and chunk.offset == offset, chunk
-            assert not req.max_chunk_bytes or len(chunk.data) <= req.max_chunk_bytes
+            # The server keeps a client's chunk size between 1 KiB and its own (DownloadRequest docs).
+            assert not req.max_chunk_bytes or len(chunk.data) <= max(MIN_CHUNK_BYTES, req.max_chunk_bytes)
             offset += len(chunk.data)
         total = responses[0].total_size if responses else offset
         assert all(c.total_size == total for c in responses) and offset == total, (offset, total)
