@@ -92,6 +92,24 @@ def test_sigkill_mid_round_resumes_the_same_federation(mnist_dir: Path, tmp_path
     assert recovered >= len(accepted_before_kill) == 1
 
 
+def _task_and_update(stub: fleet_pb2_grpc.FleetStub, md: tuple[tuple[str, str], ...], key: str, scale: float = 1.0
+                     ) -> tuple[fleet_pb2.TrainTask, fleet_pb2.UpdateHeader, bytes]:
+    """A raw client's TRAIN task, and a valid update for it (the global model, floats scaled)."""
+    task = None
+    while task is None:
+        reply = stub.PollTask(fleet_pb2.PollTaskRequest(max_wait_ms=2000), timeout=10, metadata=md)
+        task = reply.train if reply.HasField("train") else None
+    model = b"".join(c.data for c in stub.DownloadArtifact(
+        fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md))
+    state = decode_state(bundle_from_bytes(model))
+    payload = bundle_to_bytes(encode_state({k: v * scale if v.dtype.kind == "f" else v for k, v in state.items()},
+                                           EncodingSpec()))
+    header = fleet_pb2.UpdateHeader(
+        round=task.round, task_id=task.task_id, idempotency_key=key, num_examples=100, label_counts=[10] * 10,
+        payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+    return task, header, payload
+
+
 class _PausableUpload:
     """An upload stream that sends the header and the first chunk, then waits to be released."""
 
@@ -119,18 +137,7 @@ def test_sigkill_during_an_upload_then_the_retry_counts_once(mnist_dir: Path, tm
         stub = fleet_pb2_grpc.FleetStub(channel)
         joined = stub.Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN, requested_client_id="raw-device"), timeout=10)
         md = bearer_metadata(joined.credential)
-        task = None
-        while task is None:
-            reply = stub.PollTask(fleet_pb2.PollTaskRequest(max_wait_ms=2000), timeout=10, metadata=md)
-            task = reply.train if reply.HasField("train") else None
-        model = b"".join(c.data for c in stub.DownloadArtifact(
-            fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md))
-        state_np = decode_state(bundle_from_bytes(model))
-        payload = bundle_to_bytes(encode_state({k: v * 0.5 if v.dtype.kind == "f" else v for k, v in state_np.items()},
-                                                  EncodingSpec()))
-        header = fleet_pb2.UpdateHeader(
-            round=task.round, task_id=task.task_id, idempotency_key="raw-device:upload-1", num_examples=100,
-            label_counts=[10] * 10, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+        task, header, payload = _task_and_update(stub, md, "raw-device:upload-1", scale=0.5)
 
         stream = _PausableUpload(header, payload, chunk=16 * 1024)
         future = stub.UploadUpdate.future(iter(stream), timeout=60, metadata=md)
@@ -192,16 +199,7 @@ def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> 
         channel = grpc.insecure_channel(fed.address, channel_options())
         stub = fleet_pb2_grpc.FleetStub(channel)
         md = bearer_metadata(stub.Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN), timeout=10).credential)
-        task = None
-        while task is None:
-            reply = stub.PollTask(fleet_pb2.PollTaskRequest(max_wait_ms=2000), timeout=10, metadata=md)
-            task = reply.train if reply.HasField("train") else None
-        model = b"".join(c.data for c in stub.DownloadArtifact(
-            fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md))
-        payload = bundle_to_bytes(encode_state(decode_state(bundle_from_bytes(model)), EncodingSpec()))
-        header = fleet_pb2.UpdateHeader(
-            round=task.round, task_id=task.task_id, idempotency_key="drain-1", num_examples=100,
-            label_counts=[10] * 10, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+        _, header, payload = _task_and_update(stub, md, "drain-1")
         stream = _PausableUpload(header, payload, chunk=16 * 1024)
         future = stub.UploadUpdate.future(iter(stream), timeout=60, metadata=md)
         assert stream.first_chunk_sent.wait(30)
