@@ -114,6 +114,8 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     # oneDNN's kernels and caches cost ~20 MB resident and are slower for this small CNN on one
     # thread (measured: 0.047 vs 0.080 s per 20-step round on x86_64), so a device does without.
     torch.backends.mkldnn.enabled = False
+    if not torch.backends.nnpack.is_available():  # e.g. arm64 without /sys: else a warning per convolution
+        torch.backends.nnpack.set_flags(False)
     train, test = load_shard(settings.data_path)
     # Images stay uint8 (1 byte a pixel) and are normalised a batch at a time.
     trainer = LocalTrainer(train.images, train.labels, settings.n_classes, settings.seed)
