@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from coordinator.config import parse_config
 from coordinator.local import LocalFederation, write_shards
@@ -188,7 +187,6 @@ def test_budget_and_conditions_decide_who_is_sampled(mnist_dir: Path, tmp_path: 
         assert m["peak_rss_mb"] >= m["rss_before_mb"] > 50 and m["cpu_seconds"] > 0
         assert m["peak_rss_mb"] <= m["memory_budget_mb"]
         assert r.extras["client_peak_rss_mb_max"] == m["peak_rss_mb"]
-    assert torch.get_num_threads() >= 1
 
 
 # ------------------------------------------------------------------ a corrupt artifact on the way
@@ -217,7 +215,7 @@ def test_an_artifact_that_fails_its_digest_is_never_used(tmp_path: Path, truncat
     import grpc
 
     from edge_client.connection import FleetCallError, FleetConnection
-    from fedgen.v1 import fleet_pb2, fleet_pb2_grpc
+    from fedgen.v1 import fleet_pb2
 
     good = b"generator-or-model-bytes" * 100
     hostile = _HostileFleet(good, truncate)
@@ -240,4 +238,4 @@ def test_an_artifact_that_fails_its_digest_is_never_used(tmp_path: Path, truncat
         conn.close()
     finally:
         server.stop(0)
-    assert fleet_pb2_grpc is not None and hostile.calls == 1
+    assert hostile.calls == 1  # the client asked once; the runner decides whether to try again
