@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 StrategyName = Literal["fedavg", "fedprox", "fedgen"]
 
@@ -128,6 +128,80 @@ class DataConfig(_Section):
 
 
 _SHA256_HEX = r"^[0-9a-f]{64}$"
+_GENERATOR_BASES = ("fp32", "fp16", "int8", "int4")
+
+
+def _check_tensor_encoding(name: str, allow_topk: bool) -> str:
+    from export.codec import EncodingSpec
+
+    spec = EncodingSpec.parse(name)  # ValueError names the valid forms
+    if spec.sparse and not allow_topk:
+        raise ValueError(f"{name!r}: top-k is for uploads (deltas), not for the global model")
+    return spec.name
+
+
+def _check_generator_encoding(name: str) -> str:
+    base, plus, suffix = str(name).strip().lower().partition("+")
+    if base not in _GENERATOR_BASES or (plus and suffix != "zstd"):
+        raise ValueError(f"unknown generator encoding {name!r}; valid: {', '.join(_GENERATOR_BASES)}, "
+                         "each with an optional +zstd")
+    return base + plus + suffix
+
+
+class BandwidthConfig(_Section):
+    """How the global model, the generator and the updates travel.
+
+    "fixed": every client gets `model_encoding`, `generator_encoding` and `upload_encoding`.
+    "adaptive": per client and round, the most faithful encodings of the three ladders whose
+    expected transfer time, from the client's measured link, fits `transfer_budget_s`.
+    """
+
+    policy: Literal["fixed", "adaptive"] = "adaptive"
+    # Seconds one client may spend moving the round's artifacts and its update (0 = no budget).
+    transfer_budget_s: float = Field(30.0, ge=0)
+    model_encoding: str = "fp32"
+    generator_encoding: str = "fp32"
+    upload_encoding: str = "fp32"
+    # Most faithful first. Uploads other than fp32 are differences against the downloaded model.
+    model_ladder: list[str] = Field(default_factory=lambda: ["fp32+zstd", "fp16+zstd", "int8+zstd"], min_length=1)
+    generator_ladder: list[str] = Field(
+        default_factory=lambda: ["fp32+zstd", "fp16+zstd", "int8+zstd", "int4+zstd"], min_length=1)
+    upload_ladder: list[str] = Field(
+        default_factory=lambda: ["fp32", "fp16+zstd", "int8+zstd", "topk10+zstd"], min_length=1)
+    # Weight of the newest measurement in the per-client throughput estimate (EWMA).
+    ewma_weight: float = Field(0.5, gt=0, le=1)
+    # Throughput assumed for a client that declared none and has not been measured yet.
+    assumed_link_mbps: float = Field(20.0, gt=0)
+
+    @field_validator("model_encoding")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _check_tensor_encoding(v, allow_topk=False)
+
+    @field_validator("upload_encoding")
+    @classmethod
+    def _upload(cls, v: str) -> str:
+        return _check_tensor_encoding(v, allow_topk=True)
+
+    @field_validator("generator_encoding")
+    @classmethod
+    def _generator(cls, v: str) -> str:
+        return _check_generator_encoding(v)
+
+    @field_validator("model_ladder")
+    @classmethod
+    def _model_ladder(cls, v: list[str]) -> list[str]:
+        return [_check_tensor_encoding(x, allow_topk=False) for x in v]
+
+    @field_validator("upload_ladder")
+    @classmethod
+    def _upload_ladder(cls, v: list[str]) -> list[str]:
+        return [_check_tensor_encoding(x, allow_topk=True) for x in v]
+
+    @field_validator("generator_ladder")
+    @classmethod
+    def _generator_ladder(cls, v: list[str]) -> list[str]:
+        return [_check_generator_encoding(x) for x in v]
 
 
 class AuthConfig(_Section):
@@ -179,6 +253,7 @@ class CoordinatorConfig(_Section):
     fedgen: FedGenConfig = FedGenConfig()
     data: DataConfig = DataConfig()
     auth: AuthConfig = AuthConfig()
+    bandwidth: BandwidthConfig = BandwidthConfig()
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import random
 import secrets
 import statistics
@@ -25,11 +26,14 @@ import torch
 from coordinator import errors
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import evaluate_state
+from coordinator.fedgen import GENERATOR_ARTIFACT as GENERATOR_KIND
 from coordinator.ledger import LedgerWriter
 from coordinator.store import StateStore, StoredRound, StoredUpdate
+from coordinator.transfers import ClientPlan, RoundVariants, TransferPlanner
 from coordinator.strategy import ClientResult, RoundPlan, State, Strategy
 from coordinator.validation import UpdateRejected, validate_counts, validate_report, validate_state
-from export.codec import CodecError, EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from export.codec import (CodecError, EncodingSpec, apply_delta, bundle_from_bytes, bundle_to_bytes, decode_state,
+                          encode_state)
 from fedcore.models import Classifier, ClassifierConfig, state_spec, state_to_numpy
 
 _LOGGER = logging.getLogger(__name__)
@@ -69,7 +73,9 @@ class TrainAssignment:
     model_sha256: str
     model_size: int
     label_space: tuple[int, ...]
-    extra_artifacts: tuple[dict[str, Any], ...] = ()  # {"kind", "sha256", "size"}
+    extra_artifacts: tuple[dict[str, Any], ...] = ()  # {"kind", "sha256", "size", "encoding_name"}
+    model_encoding: str = "fp32"
+    upload_encoding: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ class UploadHeader:
     payload_sha256: str
     metrics: dict[str, float]
     train_seconds: float
+    # The task's downloads as the client timed them: (artifact id, wire bytes, seconds).
+    downloads: tuple[tuple[str, int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,9 @@ class OpenRound:
     # Connected clients left out of the sample when the round opened, and why.
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_down: Counter[str] = field(default_factory=Counter)
+    # The round's artifacts in every encoding, and each client's encodings (fixed at its first poll).
+    variants: RoundVariants = field(default_factory=RoundVariants)
+    plans: dict[str, ClientPlan] = field(default_factory=dict)
     closed: bool = False
     # Held from an upload's last check to its entry in `accepted`, and by the engine to close the
     # round: an update is either counted or refused, never acknowledged and then left out.
@@ -159,6 +170,8 @@ class Federation:
         self.test_set = test_set
         self.model_config = model_config
         self.spec = state_spec(Classifier(model_config))
+        self.transfers = TransferPlanner(config.bandwidth, store.blobs,
+                                         {k: (shape, dtype.kind == "f") for k, (shape, dtype) in self.spec.items()})
         self.ledger = LedgerWriter(store.state_dir)
         self._enrollment_hashes = config.auth.enrollment_hashes()
         self._clients: dict[str, ClientRecord] = {}
@@ -230,6 +243,8 @@ class Federation:
         if previous is not None and previous.profile.get("memory_budget_mb") == profile.get("memory_budget_mb"):
             record.declined_kinds = previous.declined_kinds
         self._clients[client_id] = record
+        self.transfers.estimator.seed(client_id, float(profile.get("link_down_bps", 0)),
+                                      float(profile.get("link_up_bps", 0)))
         _LOGGER.info("[Fleet.Join] %s joined (%s)", client_id, profile.get("platform", "?"))
         self._emit(Event("joined", self.current_round, client_id=client_id))
         await self._notify()
@@ -368,16 +383,27 @@ class Federation:
         if (r is None or r.closed or client_id not in r.cohort or client_id in r.accepted
                 or client_id in r.rejected or client_id in r.declined):
             return None
+        plan = r.plans.get(client_id)
+        if plan is None:
+            plan = r.plans[client_id] = self.transfers.plan(client_id, r.variants)
+        extra = tuple(
+            {"kind": a["kind"], "sha256": plan.generator.sha256, "size": plan.generator.size,
+             "encoding_name": plan.generator.name}
+            if a["kind"] == GENERATOR_KIND and plan.generator is not None else a
+            for a in r.artifacts
+        )
         return TrainAssignment(
             round=r.round,
             task_id=r.cohort[client_id],
             deadline_unix_ms=r.deadline_ms,
             plan=r.plan,
             strategy=self.strategy.name,
-            model_sha256=r.model_sha256,
-            model_size=self.store.blobs.path(r.model_sha256).stat().st_size,
+            model_sha256=plan.model.sha256,
+            model_size=plan.model.size,
             label_space=tuple(self.strategy.label_space(self.model_config.n_classes)),
-            extra_artifacts=tuple(r.artifacts),
+            extra_artifacts=extra,
+            model_encoding=plan.model.name,
+            upload_encoding=plan.upload_encoding,
         )
 
     def _wait_reason(self, client_id: str) -> str:
@@ -403,6 +429,7 @@ class Federation:
         if r is not None:
             ids.add(r.model_sha256)
             ids.update(a["sha256"] for a in r.artifacts)
+            ids.update(r.variants.digests())
         return ids
 
     def artifact_bytes(self, artifact_id: str) -> bytes:
@@ -434,19 +461,30 @@ class Federation:
             )
         return None
 
-    async def accept_upload(self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int) -> UploadResult:
-        """Validates and persists an update, then (only then) acknowledges it."""
+    async def accept_upload(self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int,
+                            up_seconds: float = 0.0) -> UploadResult:
+        """Validates and persists an update, then (only then) acknowledges it.
+
+        A difference against the round's model (any of its encodings) is added to the
+        full-precision model here, so what is stored and aggregated is always a whole state.
+        """
         duplicate = self.check_upload_header(client_id, header)
         if duplicate is not None:
             return duplicate
         r = self._round
         assert r is not None
         try:
-            await asyncio.to_thread(self._validate_payload, header, payload)
+            stored = await asyncio.to_thread(self._validate_payload, header, payload, r)
         except UpdateRejected as err:
             await self.reject(client_id, r.round, str(err))
             raise errors.InvalidArgument(str(err)) from None
-        digest = await asyncio.to_thread(self.store.blobs.put, payload)
+        digest = await asyncio.to_thread(self.store.blobs.put, stored)
+        plan = r.plans.get(client_id)
+        encoding = plan.upload_encoding if plan is not None else "fp32"
+        down_seconds = self.transfers.observe_downloads(client_id, [(b, s) for _, b, s in header.downloads])
+        self.transfers.observe_upload(client_id, encoding, bytes_up, up_seconds)
+        metrics = {**header.metrics, "wire_down_seconds": round(down_seconds, 4),
+                   "wire_up_seconds": round(up_seconds, 4)}
         update = StoredUpdate(
             idempotency_key=header.idempotency_key,
             round=r.round,
@@ -456,7 +494,7 @@ class Federation:
             payload_sha256=digest,
             num_examples=header.num_examples,
             label_counts=list(header.label_counts),
-            metrics=dict(header.metrics),
+            metrics=metrics,
             train_seconds=header.train_seconds,
             bytes_up=bytes_up,
             received_ms=_now_ms(),
@@ -477,7 +515,8 @@ class Federation:
         await self._notify()
         return UploadResult(r.round, False, bytes_up)
 
-    def _validate_payload(self, header: UploadHeader, payload: bytes) -> None:
+    def _validate_payload(self, header: UploadHeader, payload: bytes, r: OpenRound) -> bytes:
+        """The checked update as the bytes to store: a whole fp32 state (deltas applied)."""
         if len(payload) != header.payload_bytes:
             raise UpdateRejected(f"payload has {len(payload)} bytes, header declared {header.payload_bytes}")
         if hashlib.sha256(payload).hexdigest() != header.payload_sha256.lower():
@@ -486,11 +525,23 @@ class Federation:
         validate_counts(header.num_examples, header.label_counts, self.model_config.n_classes,
                         plan.local_steps * plan.batch_size if plan is not None else None)
         validate_report(header.metrics, header.train_seconds)
+        if len(header.downloads) > 16 or any(not (math.isfinite(s) and 0 <= s <= 86_400) or b < 0
+                                             for _, b, s in header.downloads):
+            raise UpdateRejected("downloads: at most 16 timings, each with 0 <= seconds <= 86400")
         try:
-            state = decode_state(bundle_from_bytes(payload))
+            bundle = bundle_from_bytes(payload)
+            state = decode_state(bundle)
+            if bundle.base_sha256:
+                bases = {r.model_sha256} | {v.sha256 for v in r.variants.model.values()}
+                if bundle.base_sha256 not in bases:
+                    raise UpdateRejected(f"update is a difference against {bundle.base_sha256[:16]!r}, which is "
+                                         f"not round {r.round}'s global model")
+                validate_state(state, self.spec)
+                state = apply_delta(self.load_state(r.model_sha256), state)
         except CodecError as err:
             raise UpdateRejected(str(err)) from None
         validate_state(state, self.spec)
+        return payload if not bundle.base_sha256 else bundle_to_bytes(encode_state(state, EncodingSpec()))
 
     async def reject(self, client_id: str, round_: int, reason: str) -> None:
         """Counts a rejected update in the round's ledger; the round goes on with everyone else."""
@@ -529,6 +580,7 @@ class Federation:
             deadline = max(stored.deadline_ms, _now_ms() + int(self.config.federation.round_timeout_s * 1000))
             r = OpenRound(stored.round, stored.attempt, stored.cohort, stored.model_sha256, stored.opened_ms,
                           deadline, self.strategy.configure_round(stored.round), list(stored.artifacts))
+            r.variants = await asyncio.to_thread(self._prepare_variants, r.model_sha256, r.artifacts)
             for u in self.store.updates_for(stored.round, stored.attempt):
                 r.accepted[u.client_id] = u
             await asyncio.to_thread(self.store.set_round_deadline, r.round, r.attempt, deadline)
@@ -552,16 +604,21 @@ class Federation:
         for artifact in await asyncio.to_thread(self.strategy.round_artifacts, round_):
             digest = await asyncio.to_thread(self.store.blobs.put, artifact.data)
             artifacts.append({"kind": artifact.kind, "sha256": digest, "size": len(artifact.data)})
+        variants = await asyncio.to_thread(self._prepare_variants, self.global_model_sha, artifacts)
         opened = _now_ms()
         deadline = opened + int(fed.round_timeout_s * 1000)
         stored = StoredRound(round_, attempt, "open", cohort, self.global_model_sha, opened, deadline, artifacts)
         await asyncio.to_thread(self.store.open_round, stored)
         self._round = OpenRound(round_, attempt, cohort, self.global_model_sha, opened, deadline,
-                                self.strategy.configure_round(round_), artifacts, skipped=skipped)
+                                self.strategy.configure_round(round_), artifacts, skipped=skipped, variants=variants)
         _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
         self._emit(Event("opened", round_, cohort_size=len(cohort)))
         self._wake_polls(cohort)
         await self._notify()
+
+    def _prepare_variants(self, model_sha: str, artifacts: list[dict[str, Any]]) -> RoundVariants:
+        generator = next((a["sha256"] for a in artifacts if a["kind"] == GENERATOR_KIND), None)
+        return self.transfers.prepare(model_sha, generator)
 
     async def _run_open_round(self) -> None:
         r = self._round
@@ -636,11 +693,16 @@ class Federation:
                 outcome, reason = "declined", r.declined[cid]
             else:
                 outcome, reason = "dropped", "no valid update before the round's deadline"
+            metrics = dict(u.metrics) if u else {}
+            plan = r.plans.get(cid)
             clients.append({
                 "client_id": cid, "outcome": outcome, "reason": reason,
                 "bytes_down": int(r.bytes_down[cid]), "bytes_up": int(u.bytes_up if u else 0),
                 "num_examples": int(u.num_examples if u else 0), "train_seconds": float(u.train_seconds if u else 0.0),
-                "metrics": dict(u.metrics) if u else {},
+                "metrics": metrics,
+                **(plan.ledger_fields() if plan is not None else {}),
+                "down_seconds": float(metrics.pop("wire_down_seconds", 0.0)),
+                "up_seconds": float(metrics.pop("wire_up_seconds", 0.0)),
             })
         committed = _now_ms()
         extras = dict(extras)
@@ -679,6 +741,8 @@ class Federation:
             "committed_unix_ms": committed,
             "clients": clients,
             "extras": extras,
+            "encoding_policy": self.config.bandwidth.policy,
+            "transfer_budget_seconds": self.config.bandwidth.transfer_budget_s if self.transfers.adaptive else 0.0,
         }
 
     async def _finish(self, reason: str) -> None:

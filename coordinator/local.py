@@ -85,8 +85,10 @@ class LocalFederation:
     extra_client_args: list[str] = field(default_factory=list)
     # Arguments for one client only (index -> args), e.g. a memory budget or a readiness probe.
     per_client_args: dict[int, list[str]] = field(default_factory=dict)
-    # Where the clients connect when not straight to the coordinator (e.g. a reverse proxy).
+    # Where the clients connect when not straight to the coordinator (e.g. a reverse proxy),
+    # for all of them or per client (index -> address, e.g. one emulated link each).
     client_address: str | None = None
+    per_client_address: dict[int, str] = field(default_factory=dict)
     # For this process's Control channel when the coordinator serves TLS.
     control_credentials: grpc.ChannelCredentials | None = None
     control_server_name: str = ""
@@ -140,7 +142,8 @@ class LocalFederation:
         client_id = shard.stem
         with open(self.work_dir / f"{client_id}.log", "ab") as log:  # the child keeps its own descriptor
             return subprocess.Popen(
-                [sys.executable, "-m", "edge_client", "--coordinator", self.client_address or self.address,
+                [sys.executable, "-m", "edge_client", "--coordinator",
+                 self.per_client_address.get(k) or self.client_address or self.address,
                  "--data", str(shard),
                  "--token", token, "--client-id", client_id, "--threads", str(self.client_threads),
                  "--cache-dir", str(self.work_dir / "cache" / client_id), "--seed", str(self.config.federation.seed + k),

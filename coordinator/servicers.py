@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
@@ -150,6 +151,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             _LOGGER.info("[Fleet.UploadUpdate] duplicate upload %s from %s acknowledged again",
                          header.idempotency_key, client_id)
             return wire.upload_result_to_proto(duplicate)
+        started = time.monotonic()  # the upload's time on the link: header to last chunk
         received = wire_bytes(first.ByteSize())
         parts: list[bytes] = []
         size = 0
@@ -163,7 +165,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                                       f"payload exceeds the declared {header.payload_bytes} bytes")
                 raise errors.InvalidArgument(f"payload exceeds the declared payload_bytes ({header.payload_bytes})")
             parts.append(msg.chunk)
-        result = await self.fed.accept_upload(client_id, header, b"".join(parts), received)
+        seconds = time.monotonic() - started
+        result = await self.fed.accept_upload(client_id, header, b"".join(parts), received, seconds)
         return wire.upload_result_to_proto(result)
 
     @unary_errors

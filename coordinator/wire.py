@@ -23,6 +23,7 @@ _EVENT_KINDS = {
     "finished": control_pb2.RoundEvent.KIND_FEDERATION_FINISHED,
     "joined": control_pb2.RoundEvent.KIND_CLIENT_JOINED,
 }
+_TENSOR_ENCODINGS = {"fp32": tensor_pb2.ENCODING_RAW, "fp16": tensor_pb2.ENCODING_FP16, "int8": tensor_pb2.ENCODING_INT8}
 _ARTIFACT_KINDS = {"generator_onnx": fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX}
 _STATES = {
     "waiting_for_clients": control_pb2.FEDERATION_STATE_WAITING_FOR_CLIENTS,
@@ -54,14 +55,21 @@ def assignment_to_proto(a: Assignment) -> fleet_pb2.Task:
             config=fleet_pb2.TrainConfig(
                 local_steps=a.plan.local_steps, batch_size=a.plan.batch_size,
                 learning_rate=a.plan.learning_rate, strategy=a.strategy, params=a.plan.params,
+                upload_encoding=a.upload_encoding,
             ),
             global_model=fleet_pb2.ArtifactRef(
                 artifact_id=a.model_sha256, size_bytes=a.model_size,
-                kind=fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL, encoding=tensor_pb2.ENCODING_RAW,
+                kind=fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL, encoding=_TENSOR_ENCODINGS[a.model_encoding.split("+")[0]],
+                encoding_name=a.model_encoding,
             ),
             label_space=list(a.label_space),
             extra_artifacts=[
-                fleet_pb2.ArtifactRef(artifact_id=x["sha256"], size_bytes=x["size"], kind=_ARTIFACT_KINDS[x["kind"]])
+                fleet_pb2.ArtifactRef(
+                    artifact_id=x["sha256"], size_bytes=x["size"], kind=_ARTIFACT_KINDS[x["kind"]],
+                    encoding_name=x.get("encoding_name", "fp32"),
+                    compression=(tensor_pb2.COMPRESSION_ZSTD if x.get("encoding_name", "").endswith("+zstd")
+                                 else tensor_pb2.COMPRESSION_NONE),
+                )
                 for x in a.extra_artifacts
             ],
         ))
@@ -76,6 +84,7 @@ def upload_header_from_proto(h: fleet_pb2.UpdateHeader) -> UploadHeader:
         round=h.round, task_id=h.task_id, idempotency_key=h.idempotency_key, num_examples=h.num_examples,
         label_counts=tuple(h.label_counts), payload_bytes=h.payload_bytes, payload_sha256=h.payload_sha256,
         metrics=dict(h.metrics), train_seconds=h.train_seconds,
+        downloads=tuple((d.artifact_id[:64], int(d.wire_bytes), float(d.seconds)) for d in h.downloads),
     )
 
 

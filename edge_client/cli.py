@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--ready-command", default="",
                       help="a program asked before every poll: exit 0 = ready, else its first output line is "
                            "the reason (e.g. a check that the link is unmetered)")
+    p.add_argument("--link-down-mbps", type=float, default=0.0,
+                   help="this device's downlink as you know it, Mbit/s (seeds the coordinator's estimate until "
+                        "it has measured the link; default: unknown)")
+    p.add_argument("--link-up-mbps", type=float, default=0.0, help="the same for the uplink")
     p.add_argument("--seed", type=int, default=0)
     tls = p.add_argument_group("TLS (default: plaintext)")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir, threads=args.threads, memory_budget_mb=args.memory_budget_mb, seed=args.seed,
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
         use_tls=args.tls, readiness=_readiness(args),
+        link_down_bps=int(max(args.link_down_mbps, 0) * 1e6), link_up_bps=int(max(args.link_up_mbps, 0) * 1e6),
     )
     try:
         summary = run_client(settings)

@@ -92,6 +92,9 @@ class FleetConnection:
         self._credential: str | None = None
         self.heartbeat_interval_s = 20.0
         self.stats = TransferStats()
+        # This task's downloads as timed here (artifact id, wire bytes, seconds): sent with the
+        # update so the coordinator learns this device's link. The runner clears it per task.
+        self.download_log: list[tuple[str, int, float]] = []
 
     def close(self) -> None:
         self._channel.close()
@@ -180,9 +183,11 @@ class FleetConnection:
         final = cache_dir / digest
         if final.exists():
             self.stats.artifacts_from_cache += 1
+            self.download_log.append((digest, 0, 0.0))
             return final
         part = cache_dir / f"{digest}.part"
         started = time.monotonic()
+        received = 0
         attempt = 0
         while True:
             offset = part.stat().st_size if part.exists() else 0
@@ -197,6 +202,7 @@ class FleetConnection:
                         f.write(chunk.data)
                         offset += len(chunk.data)
                         self.stats.bytes_down += wire_bytes(chunk.ByteSize())
+                        received += wire_bytes(chunk.ByteSize())
                     f.flush()
                     os.fsync(f.fileno())
                 break
@@ -209,7 +215,9 @@ class FleetConnection:
                                 code.name, delay)
                 time.sleep(delay)
                 attempt += 1
-        self.stats.seconds_down += time.monotonic() - started
+        elapsed = time.monotonic() - started
+        self.stats.seconds_down += elapsed
+        self.download_log.append((digest, received, elapsed))
         if _file_sha256(part) != digest:
             part.unlink()
             raise FleetCallError(grpc.StatusCode.DATA_LOSS, f"artifact {digest[:12]} failed its digest check; discarded")

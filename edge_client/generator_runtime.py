@@ -10,17 +10,30 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from export.codec import CodecError, decompress_frame, is_zstd_frame
 from export.generator_manifest import MANIFEST_KEY, GeneratorManifest, ManifestError
+
+#: Largest ONNX generator a compressed artifact may unpack to.
+MAX_GENERATOR_BYTES = 64 * 1024 * 1024
 
 
 class OnnxGenerator:
+    """Runs any generator artifact the coordinator ships: fp32, fp16, int8 or 4-bit weights,
+    as a plain ONNX file or wrapped in one Zstandard frame."""
+
     def __init__(self, path: Path, threads: int = 1) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        data = Path(path).read_bytes()
+        if is_zstd_frame(data):
+            try:
+                data = decompress_frame(data, MAX_GENERATOR_BYTES, label=f"generator {Path(path).name[:12]}")
+            except CodecError as err:
+                raise ManifestError(str(err)) from None
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise ManifestError(f"cannot load generator {path.name}: {err}") from None
         props = self.session.get_modelmeta().custom_metadata_map

@@ -22,7 +22,8 @@ from edge_client.conditions import Probe
 from edge_client.connection import FleetCallError, FleetConnection
 from edge_client.generator_runtime import OnnxGenerator
 from edge_client.trainer import LocalTrainer, TrainPlan, warm_up
-from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state, sha256_hex
+from export.codec import (CodecError, EncodingSpec, ErrorFeedback, bundle_from_bytes, bundle_to_bytes, decode_state,
+                          encode_state, sha256_hex, state_delta)
 from fedcore.data import load_shard
 from fedcore.transport import client_tls_credentials
 from fedgen.v1 import fleet_pb2, tensor_pb2
@@ -55,6 +56,9 @@ class ClientSettings:
     use_tls: bool = False
     # When the device is willing to train (None = always); see edge_client.conditions.
     readiness: Probe | None = None
+    # The link as the device's owner declared it, bits per second (0 = unknown).
+    link_down_bps: int = 0
+    link_up_bps: int = 0
 
 
 @dataclass
@@ -138,10 +142,12 @@ def run_client(settings: ClientSettings) -> ClientSummary:
         supported_encodings=[tensor_pb2.ENCODING_RAW, tensor_pb2.ENCODING_FP16, tensor_pb2.ENCODING_INT8],
         platform=f"{platform.system().lower()}-{platform.machine()} python{platform.python_version()} torch{torch.__version__}",
         num_examples=len(train),
+        link_down_bps=settings.link_down_bps, link_up_bps=settings.link_up_bps,
     )
     client_id = conn.join(settings.enrollment_token, profile, settings.client_id)
     cache_dir = settings.cache_dir or Path.home() / ".cache" / "fedgen" / client_id
     summary = ClientSummary(client_id)
+    feedback = ErrorFeedback()  # what lossy uploads left out, sent in later rounds
     refused_in_a_row = 0
     try:
         while True:
@@ -155,7 +161,8 @@ def run_client(settings: ClientSettings) -> ClientSummary:
                     refused_in_a_row = 0
                     time.sleep(min(task.wait.retry_after_ms, 5_000) / 1000)
                     continue
-                outcome = _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, device)
+                outcome = _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, device,
+                                            feedback)
                 if outcome == "accepted":
                     summary.rounds_trained += 1
                 elif outcome == "declined":
@@ -217,7 +224,7 @@ def _memory_plan(task: fleet_pb2.TrainTask, device: Device) -> MemoryPlan:
 
 def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_pb2.TrainTask,
                       cache_dir: Path, client_id: str, local_test: tuple[np.ndarray, np.ndarray] | None,
-                      device: Device) -> str:
+                      device: Device, feedback: ErrorFeedback | None = None) -> str:
     """One task: 'accepted', 'rejected' (the coordinator refused the update) or 'declined'."""
     not_ready = device.readiness() if device.readiness is not None else None
     if not_ready is not None:  # conditions changed since the poll: say so rather than go quiet
@@ -232,9 +239,13 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         return "declined"
     reset_peak_rss()
     rss_before, cpu_before = rss_mib(), time.process_time()
+    conn.download_log.clear()
     try:
         model_path = _fetch_verified(conn, task.global_model, cache_dir)
-        state = decode_state(bundle_from_bytes(model_path.read_bytes()))
+        bundle = bundle_from_bytes(model_path.read_bytes())
+        if bundle.base_sha256:
+            raise FleetCallError(grpc.StatusCode.UNIMPLEMENTED, "global model sent as a difference; not supported")
+        state = decode_state(bundle)
         generator = _generator_for(conn, task, cache_dir, device.threads)
     except FleetCallError as err:
         if err.code != grpc.StatusCode.DATA_LOSS:
@@ -257,7 +268,7 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         result = trainer.train(state, plan, generator)
     if evaluation is not None:
         result.metrics["local_test_correct"], result.metrics["local_test_total"] = map(float, evaluation)
-    payload = bundle_to_bytes(encode_state(result.state, EncodingSpec()))
+    payload = _encode_update(result.state, state, task, feedback or ErrorFeedback())
     # What the round cost this device, measured: its own peak resident memory and CPU time.
     peak = peak_rss_mib()
     result.metrics["cpu_seconds"] = round(time.process_time() - cpu_before, 4)
@@ -277,6 +288,7 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         num_examples=result.num_examples, label_counts=result.label_counts,
         payload_bytes=len(payload), payload_sha256=sha256_hex(payload),
         metrics=result.metrics, train_seconds=result.train_seconds,
+        downloads=[fleet_pb2.TransferTiming(artifact_id=a, wire_bytes=b, seconds=t) for a, b, t in conn.download_log],
     )
     try:
         ack = conn.upload(header, payload)
@@ -289,3 +301,26 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
                  " (duplicate)" if ack.duplicate else "", result.metrics["loss"], plan.local_steps,
                  result.train_seconds)
     return "accepted"
+
+
+def _encode_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], task: fleet_pb2.TrainTask,
+                   feedback: ErrorFeedback) -> bytes:
+    """The update in the encoding the coordinator asked for.
+
+    ``fp32`` is the whole trained state, exact. Anything else is the difference against the
+    model as this client decoded it, named by its artifact id, through error feedback: what a
+    lossy encoding leaves out this round is added to the next one.
+    """
+    name = task.config.upload_encoding or "fp32"
+    try:
+        spec = EncodingSpec.parse(name)
+    except ValueError:
+        _LOGGER.warning("round %d: unknown upload encoding %r; sending fp32", task.round, name)
+        spec = EncodingSpec()
+    if spec == EncodingSpec():
+        return bundle_to_bytes(encode_state(trained, spec))
+    try:
+        return bundle_to_bytes(feedback.encode(state_delta(trained, received), spec, task.global_model.artifact_id))
+    except CodecError as err:  # e.g. a diverged model with non-finite values: the coordinator says why
+        _LOGGER.warning("round %d: cannot encode the update as %s (%s); sending fp32", task.round, spec.name, err)
+        return bundle_to_bytes(encode_state(trained, EncodingSpec()))

@@ -18,6 +18,12 @@ Encodings (``EncodingSpec``):
   as a float32) and 0.0 round-trips exactly; ``scale = (max - min) / 255``
   (1.0 for an all-zero channel). Non-finite values are refused.
 
+* ``topk<p>``: for update deltas. The largest ``p`` percent of the entries by
+  magnitude (at least one), sent as a bitmap of kept positions plus one int8
+  per kept entry (affine over the kept values, one scale and zero point);
+  everything else decodes as 0. ``ErrorFeedback`` keeps what was dropped on
+  the sender and adds it to the next delta, so nothing is lost, only delayed.
+
 Integer tensors (int64, int32, uint8) are always sent RAW whatever the spec
 asks for; compression still applies to them. ``+zstd`` compresses the encoded
 bytes with one Zstandard frame (level ``ZSTD_LEVEL``).
@@ -55,6 +61,13 @@ __all__ = [
     "bundle_from_bytes",
     "sha256_hex",
     "max_abs_error_bound",
+    "estimate_encoded_bytes",
+    "topk_count",
+    "apply_delta",
+    "state_delta",
+    "ErrorFeedback",
+    "decompress_frame",
+    "is_zstd_frame",
 ]
 
 #: Zstandard level used for ``+zstd`` specs.
@@ -98,7 +111,8 @@ _DTYPE_OF_KIND: dict[tuple[str, int], int] = {
     ("u", 1): tensor_pb2.DTYPE_UINT8,
 }
 _FLOAT_DTYPES = frozenset({tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16})
-_ENCODINGS = frozenset({tensor_pb2.ENCODING_RAW, tensor_pb2.ENCODING_FP16, tensor_pb2.ENCODING_INT8})
+_ENCODINGS = frozenset({tensor_pb2.ENCODING_RAW, tensor_pb2.ENCODING_FP16, tensor_pb2.ENCODING_INT8,
+                        tensor_pb2.ENCODING_TOPK_INT8})
 _COMPRESSIONS = frozenset({tensor_pb2.COMPRESSION_NONE, tensor_pb2.COMPRESSION_ZSTD})
 
 
@@ -120,6 +134,7 @@ _ENCODING_NAMES = {
     tensor_pb2.ENCODING_RAW: "fp32",
     tensor_pb2.ENCODING_FP16: "fp16",
     tensor_pb2.ENCODING_INT8: "int8",
+    tensor_pb2.ENCODING_TOPK_INT8: "topk",
 }
 _PARSE_ENCODINGS = {
     "fp32": tensor_pb2.ENCODING_RAW,
@@ -127,7 +142,7 @@ _PARSE_ENCODINGS = {
     "fp16": tensor_pb2.ENCODING_FP16,
     "int8": tensor_pb2.ENCODING_INT8,
 }
-_VALID_SPEC_NAMES = ("fp32", "raw", "fp16", "int8", "fp32+zstd", "raw+zstd", "fp16+zstd", "int8+zstd")
+_VALID_SPEC_NAMES = ("fp32", "raw", "fp16", "int8", "topk<percent> (e.g. topk10)", "each with an optional +zstd")
 
 
 @dataclass(frozen=True)
@@ -136,17 +151,30 @@ class EncodingSpec:
 
     encoding: int = tensor_pb2.ENCODING_RAW
     compression: int = tensor_pb2.COMPRESSION_NONE
+    #: Fraction of entries kept by ``ENCODING_TOPK_INT8`` (0 < density <= 1); 0 otherwise.
+    density: float = 0.0
 
     def __post_init__(self) -> None:
         if self.encoding not in _ENCODINGS:
             raise ValueError(f"unsupported encoding {_enum_name(tensor_pb2.Encoding, self.encoding)}")
         if self.compression not in _COMPRESSIONS:
             raise ValueError(f"unsupported compression {_enum_name(tensor_pb2.Compression, self.compression)}")
+        if self.encoding == tensor_pb2.ENCODING_TOPK_INT8:
+            if not (0.0 < self.density <= 1.0):
+                raise ValueError(f"top-k density must be in (0, 1], got {self.density}")
+        elif self.density:
+            raise ValueError("density is only meaningful for top-k")
+
+    @property
+    def sparse(self) -> bool:
+        return self.encoding == tensor_pb2.ENCODING_TOPK_INT8
 
     @property
     def name(self) -> str:
-        """``fp32``, ``fp16`` or ``int8``, with ``+zstd`` when compressed."""
+        """``fp32``, ``fp16``, ``int8`` or ``topk<percent>``, with ``+zstd`` when compressed."""
         base = _ENCODING_NAMES[self.encoding]
+        if self.sparse:
+            base += f"{self.density * 100:g}"
         return base + "+zstd" if self.compression == tensor_pb2.COMPRESSION_ZSTD else base
 
     def __str__(self) -> str:
@@ -154,12 +182,21 @@ class EncodingSpec:
 
     @classmethod
     def parse(cls, text: str) -> EncodingSpec:
-        """Parse ``fp32``/``raw``, ``fp16`` or ``int8``, each optionally with ``+zstd``."""
+        """Parse ``fp32``/``raw``, ``fp16``, ``int8`` or ``topk<percent>`` (e.g. ``topk10``),
+        each optionally with ``+zstd``."""
         key = str(text).strip().lower()
         base, plus, suffix = key.partition("+")
-        if base in _PARSE_ENCODINGS and (not plus or suffix == "zstd"):
+        if not plus or suffix == "zstd":
             compression = tensor_pb2.COMPRESSION_ZSTD if plus else tensor_pb2.COMPRESSION_NONE
-            return cls(_PARSE_ENCODINGS[base], compression)
+            if base in _PARSE_ENCODINGS:
+                return cls(_PARSE_ENCODINGS[base], compression)
+            if base.startswith("topk"):
+                try:
+                    percent = float(base[4:])
+                except ValueError:
+                    percent = math.nan
+                if 0.0 < percent <= 100.0:
+                    return cls(tensor_pb2.ENCODING_TOPK_INT8, compression, density=percent / 100.0)
         raise ValueError(f"unknown encoding spec {text!r}; valid: {', '.join(_VALID_SPEC_NAMES)}")
 
 
@@ -252,6 +289,8 @@ def encode_array(name: str, array: np.ndarray, spec: EncodingSpec) -> tensor_pb2
                     f"(max {_FP16_MAX:g}); use fp32 or int8"
                 )
         payload = half.tobytes()
+    elif encoding == tensor_pb2.ENCODING_TOPK_INT8:
+        payload, scales, zero_points = _encode_topk(_float_view(name, array).reshape(-1), spec.density)
     else:  # ENCODING_INT8
         x = _float_view(name, array)
         channels = _int8_channels(shape)
@@ -279,9 +318,31 @@ def encode_array(name: str, array: np.ndarray, spec: EncodingSpec) -> tensor_pb2
     return tensor
 
 
-def encode_state(state: Mapping[str, np.ndarray], spec: EncodingSpec) -> tensor_pb2.TensorBundle:
-    """Encode a state dict (name -> array) into a ``TensorBundle``, keeping its order."""
-    bundle = tensor_pb2.TensorBundle()
+def topk_count(size: int, density: float) -> int:
+    """Entries a top-k tensor of ``size`` elements keeps: ceil(density * size), at least one."""
+    return min(size, max(1, math.ceil(density * size))) if size else 0
+
+
+def _encode_topk(flat: np.ndarray, density: float) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Bitmap of the k largest-magnitude entries, then their int8 codes (one affine channel)."""
+    k = topk_count(flat.size, density)
+    keep = np.zeros(flat.size, dtype=bool)
+    if k:
+        keep[np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]] = True
+    kept = flat[keep]
+    scale, zero_point = _int8_params(kept.reshape(1, -1))
+    q = np.clip(np.round(kept / scale[0]) + zero_point[0], -128, 127).astype(np.int8)
+    return np.packbits(keep, bitorder="little").tobytes() + q.tobytes(), scale, zero_point
+
+
+def encode_state(state: Mapping[str, np.ndarray], spec: EncodingSpec,
+                 base_sha256: str = "") -> tensor_pb2.TensorBundle:
+    """Encode a state dict (name -> array) into a ``TensorBundle``, keeping its order.
+
+    With ``base_sha256`` the arrays are differences against that artifact (see
+    ``apply_delta``); top-k only makes sense for such differences.
+    """
+    bundle = tensor_pb2.TensorBundle(base_sha256=base_sha256)
     for key, value in state.items():
         bundle.tensors.append(encode_array(key, value, spec))
     return bundle
@@ -351,6 +412,8 @@ def decode_array(t: tensor_pb2.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS)
     if count > max_elements:
         raise CodecError(f"{label}: shape {list(shape)} has {count} elements, more than {max_elements}")
 
+    if encoding == tensor_pb2.ENCODING_TOPK_INT8:
+        return _decode_topk(t, label, shape, count, _NATIVE_DTYPE[dtype])
     if encoding == tensor_pb2.ENCODING_RAW:
         wire = _WIRE_DTYPE[dtype]
         what = f"{_dtype_label(dtype)}"
@@ -404,6 +467,38 @@ def decode_array(t: tensor_pb2.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS)
     return out.reshape(shape)
 
 
+def _decode_topk(t: tensor_pb2.Tensor, label: str, shape: tuple[int, ...], count: int,
+                 native: np.dtype) -> np.ndarray:
+    """Bitmap + int8 codes back to a dense array; every length is checked before use."""
+    if len(t.scales) != 1 or len(t.zero_points) != 1:
+        raise CodecError(f"{label}: top-k needs 1 scale and 1 zero_point, "
+                         f"got {len(t.scales)} scales and {len(t.zero_points)} zero_points")
+    scale, zero_point = float(t.scales[0]), float(t.zero_points[0])
+    if not (math.isfinite(scale) and scale > 0 and math.isfinite(zero_point)):
+        raise CodecError(f"{label}: top-k scale must be finite and positive, zero_point finite")
+    bitmap_bytes = (count + 7) // 8
+    data = t.data
+    if t.compression == tensor_pb2.COMPRESSION_ZSTD:
+        # At most every element kept: the bound keeps a hostile frame from inflating further.
+        data = decompress_frame(data, bitmap_bytes + count, label=label, exact=False)
+    if len(data) < bitmap_bytes:
+        raise CodecError(f"{label}: top-k data has {len(data)} bytes, less than its {bitmap_bytes}-byte bitmap")
+    bits = np.unpackbits(np.frombuffer(data[:bitmap_bytes], dtype=np.uint8), bitorder="little")
+    if bits[count:].any():
+        raise CodecError(f"{label}: top-k bitmap marks positions beyond the tensor's {count} elements")
+    keep = bits[:count]
+    kept = int(keep.sum())
+    if len(data) != bitmap_bytes + kept:
+        raise CodecError(f"{label}: top-k data has {len(data) - bitmap_bytes} value bytes, "
+                         f"the bitmap marks {kept} kept elements")
+    values = np.zeros(count, dtype=np.float32)
+    q = np.frombuffer(data[bitmap_bytes:], dtype=np.int8).astype(np.float32)
+    values[keep.astype(bool)] = (q - np.float32(zero_point)) * np.float32(scale)
+    if native == np.float16:
+        np.clip(values, -_FP16_MAX, _FP16_MAX, out=values)
+    return values.astype(native).reshape(shape)
+
+
 def decode_state(
     bundle: tensor_pb2.TensorBundle, max_elements: int = DEFAULT_MAX_ELEMENTS
 ) -> dict[str, np.ndarray]:
@@ -435,6 +530,98 @@ def bundle_from_bytes(data: bytes) -> tensor_pb2.TensorBundle:
     return bundle
 
 
+def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``base + delta`` tensor by tensor, in the base's dtypes; the keys and shapes must match."""
+    if list(base) != list(delta):
+        missing = sorted(set(base) - set(delta))
+        extra = sorted(set(delta) - set(base))
+        raise CodecError(f"delta does not match its base: missing {missing[:5]}, unexpected {extra[:5]}")
+    out: dict[str, np.ndarray] = {}
+    for key, b in base.items():
+        d = delta[key]
+        if d.shape != b.shape:
+            raise CodecError(f"tensor {key!r}: delta shape {list(d.shape)} != base shape {list(b.shape)}")
+        out[key] = (b + d.astype(b.dtype)).astype(b.dtype) if b.dtype.kind == "f" else b + d.astype(b.dtype)
+    return out
+
+
+def state_delta(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``state - base`` tensor by tensor (integers exactly); the inverse of ``apply_delta``."""
+    return {k: (np.asarray(v) - np.asarray(base[k]).astype(np.asarray(v).dtype)) for k, v in state.items()}
+
+
+class ErrorFeedback:
+    """The sender's memory of what lossy update encodings dropped (error feedback).
+
+    ``encode(delta)`` adds the residual left by earlier rounds, encodes, and keeps the new
+    difference between what it meant to send and what the receiver will decode. Over rounds
+    the receiver gets the sum of all deltas, late rather than never.
+    """
+
+    def __init__(self) -> None:
+        self.residual: dict[str, np.ndarray] = {}
+
+    def encode(self, delta: Mapping[str, np.ndarray], spec: EncodingSpec,
+               base_sha256: str) -> tensor_pb2.TensorBundle:
+        target = {}
+        for key, value in delta.items():
+            value = np.asarray(value)
+            previous = self.residual.get(key)
+            if value.dtype.kind == "f" and previous is not None and previous.shape == value.shape:
+                value = value + previous
+            target[key] = value
+        bundle = encode_state(target, spec, base_sha256)
+        sent = decode_state(bundle)
+        self.residual = {k: (v - sent[k]).astype(np.float32) for k, v in target.items() if v.dtype.kind == "f"}
+        return bundle
+
+
+def estimate_encoded_bytes(shapes: Mapping[str, tuple[tuple[int, ...], bool]], spec: EncodingSpec) -> int:
+    """Upper bound of a bundle's payload bytes before compression, from (shape, is_float) per tensor.
+
+    Used by the link policy to predict an upload it has not seen yet.
+    """
+    total = 0
+    for name, (shape, is_float) in shapes.items():
+        n = math.prod(shape)
+        overhead = len(name) + 16 + 2 * len(shape)
+        if not is_float:
+            total += 8 * n + overhead
+        elif spec.encoding == tensor_pb2.ENCODING_RAW:
+            total += 4 * n + overhead
+        elif spec.encoding == tensor_pb2.ENCODING_FP16:
+            total += 2 * n + overhead
+        elif spec.encoding == tensor_pb2.ENCODING_INT8:
+            total += n + 10 * _int8_channels(shape) + overhead
+        else:
+            total += (n + 7) // 8 + topk_count(n, spec.density) + 10 + overhead
+    return total
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def is_zstd_frame(data: bytes) -> bool:
+    return bytes(data[:4]) == _ZSTD_MAGIC
+
+
+def decompress_frame(data: bytes, limit: int, label: str = "artifact", exact: bool = False) -> bytes:
+    """One Zstandard frame, refusing to produce more than ``limit`` bytes (exactly ``limit``
+    when ``exact``): compressed artifacts are never trusted to say how big they are."""
+    if exact:
+        return _decompress(label, data, limit)
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{label}: data is not a valid zstd frame ({exc})") from None
+    if declared > limit:
+        raise CodecError(f"{label}: zstd frame declares {declared} bytes, more than the limit of {limit}")
+    try:
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=max(limit, 1), allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{label}: zstd decompression failed (limit {limit} bytes): {exc}") from None
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -461,6 +648,8 @@ def max_abs_error_bound(array: np.ndarray, spec: EncodingSpec) -> float:
         raise CodecError(f"unsupported dtype {array.dtype}")
     if dtype not in _FLOAT_DTYPES or spec.encoding == tensor_pb2.ENCODING_RAW or array.size == 0:
         return 0.0
+    if spec.sparse:
+        raise CodecError("top-k has no per-element bound: dropped entries decode as 0 (see ErrorFeedback)")
     if spec.encoding == tensor_pb2.ENCODING_FP16:
         if dtype == tensor_pb2.DTYPE_FLOAT16:
             return 0.0

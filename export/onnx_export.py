@@ -1,7 +1,7 @@
 """The generator as an ONNX artifact with its manifest (coordinator side: needs torch.onnx and onnx).
 
-The manifest (generator config, opset, input/output names) travels inside the ONNX file
-as metadata_props, so the artifact is self-describing; its sha256 is the artifact id.
+The manifest (generator config, opset, input/output names, encoding) travels inside the ONNX
+file as metadata_props, so the artifact is self-describing; its sha256 is the artifact id.
 """
 from __future__ import annotations
 
@@ -13,17 +13,52 @@ from typing import Any
 
 import onnx
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from export.generator_manifest import MANIFEST_KEY, GeneratorManifest
 
 OPSET = 17
 
 
+class _InferenceGenerator(nn.Module):
+    """The generator's eval-mode function in the form the exporter and quantisers like best.
+
+    BatchNorm (frozen running statistics) is folded into the first linear layer, and both
+    layers are plain MatMul + Add with the weight stored [in, out]: 4 KB fewer parameters,
+    one op fewer, and MatMul is what onnxruntime's int8 and 4-bit weight quantisers handle.
+    """
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        g = generator
+        with torch.no_grad():
+            scale = g.bn.weight / torch.sqrt(g.bn.running_var + g.bn.eps)
+            self.register_buffer("onehot", g.onehot.detach().clone().float())
+            self.w1 = nn.Parameter((g.fc.weight * scale[:, None]).t().contiguous().float())
+            self.b1 = nn.Parameter(((g.fc.bias - g.bn.running_mean) * scale + g.bn.bias).float())
+            self.w2 = nn.Parameter(g.out.weight.t().contiguous().float())
+            self.b2 = nn.Parameter(g.out.bias.detach().clone().float())
+
+    def forward(self, labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([eps, self.onehot[labels]], dim=1)
+        return torch.matmul(F.relu(torch.matmul(x, self.w1) + self.b1), self.w2) + self.b2
+
+
+def set_manifest(model: onnx.ModelProto, manifest: GeneratorManifest) -> None:
+    """Writes (or replaces) the manifest in the model's metadata_props."""
+    keep = [p for p in model.metadata_props if p.key != MANIFEST_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in keep},
+                                        MANIFEST_KEY: json.dumps(manifest.to_dict(), sort_keys=True)})
+
+
 def export_generator_onnx(generator: torch.nn.Module, config: dict[str, Any]) -> bytes:
-    """Eval-mode export (BatchNorm running statistics frozen) with a dynamic batch axis."""
-    # A CPU copy: Module.to() moves in place, and the coordinator's generator (maybe on CUDA,
-    # with Adam moments beside it) must stay where it trains and in the mode it was in.
-    module = copy.deepcopy(generator).to("cpu").eval()
+    """Eval-mode export (BatchNorm running statistics frozen and folded) with a dynamic batch axis."""
+    # A CPU copy: the coordinator's generator (maybe on CUDA, with Adam moments beside it) stays
+    # where it trains and in the mode it was in.
+    module = _InferenceGenerator(_cpu_view(generator)).eval()
     labels = torch.zeros(2, dtype=torch.long)
     eps = torch.zeros(2, int(config["noise_dim"]))
     buffer = io.BytesIO()
@@ -35,7 +70,13 @@ def export_generator_onnx(generator: torch.nn.Module, config: dict[str, Any]) ->
             opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )
     model = onnx.load_from_string(buffer.getvalue())
-    manifest = GeneratorManifest(config=dict(config), opset=OPSET, encoding="fp32")
-    onnx.helper.set_model_props(model, {MANIFEST_KEY: json.dumps(manifest.to_dict(), sort_keys=True)})
+    set_manifest(model, GeneratorManifest(config=dict(config), opset=OPSET, encoding="fp32"))
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _cpu_view(generator: nn.Module) -> nn.Module:
+    """The generator's parameters and buffers on the CPU without moving the original."""
+    if all(t.device.type == "cpu" for t in [*generator.parameters(), *generator.buffers()]):
+        return generator
+    return copy.deepcopy(generator).to("cpu")

@@ -168,6 +168,14 @@ class ClientRoundEntry(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    MODEL_ENCODING_FIELD_NUMBER: _builtins.int
+    GENERATOR_ENCODING_FIELD_NUMBER: _builtins.int
+    UPLOAD_ENCODING_FIELD_NUMBER: _builtins.int
+    DOWN_SECONDS_FIELD_NUMBER: _builtins.int
+    UP_SECONDS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_DOWN_BPS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_UP_BPS_FIELD_NUMBER: _builtins.int
+    EXPECTED_TRANSFER_SECONDS_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     outcome: _builtins.str
     """"completed", "dropped" (missed the deadline), "rejected" (bad update),
@@ -180,6 +188,23 @@ class ClientRoundEntry(_message.Message):
     bytes_up: _builtins.int
     num_examples: _builtins.int
     train_seconds: _builtins.float
+    model_encoding: _builtins.str
+    """Encodings this client's transfers travelled in (see ArtifactRef.encoding_name
+    and TrainConfig.upload_encoding); generator_encoding is empty without one.
+    """
+    generator_encoding: _builtins.str
+    upload_encoding: _builtins.str
+    down_seconds: _builtins.float
+    """Transfer time as measured: downloads by the client (first request to last
+    byte), the upload by the coordinator (header to last chunk).
+    """
+    up_seconds: _builtins.float
+    estimated_down_bps: _builtins.float
+    """The link estimate (bits per second) the encodings were chosen with, and
+    the transfer time it predicted for this client's round.
+    """
+    estimated_up_bps: _builtins.float
+    expected_transfer_seconds: _builtins.float
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -193,10 +218,18 @@ class ClientRoundEntry(_message.Message):
         num_examples: _builtins.int = ...,
         train_seconds: _builtins.float = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        model_encoding: _builtins.str = ...,
+        generator_encoding: _builtins.str = ...,
+        upload_encoding: _builtins.str = ...,
+        down_seconds: _builtins.float = ...,
+        up_seconds: _builtins.float = ...,
+        estimated_down_bps: _builtins.float = ...,
+        estimated_up_bps: _builtins.float = ...,
+        expected_transfer_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "client_id", b"client_id", "metrics", b"metrics", "num_examples", b"num_examples", "outcome", b"outcome", "reason", b"reason", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "client_id", b"client_id", "down_seconds", b"down_seconds", "estimated_down_bps", b"estimated_down_bps", "estimated_up_bps", b"estimated_up_bps", "expected_transfer_seconds", b"expected_transfer_seconds", "generator_encoding", b"generator_encoding", "metrics", b"metrics", "model_encoding", b"model_encoding", "num_examples", b"num_examples", "outcome", b"outcome", "reason", b"reason", "train_seconds", b"train_seconds", "up_seconds", b"up_seconds", "upload_encoding", b"upload_encoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +282,8 @@ class LedgerRow(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     DECLINED_FIELD_NUMBER: _builtins.int
+    ENCODING_POLICY_FIELD_NUMBER: _builtins.int
+    TRANSFER_BUDGET_SECONDS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     strategy: _builtins.str
     cohort_size: _builtins.int
@@ -269,6 +304,11 @@ class LedgerRow(_message.Message):
     """sha256 of the global model this round committed (a blob in the state directory)."""
     declined: _builtins.int
     """Sampled clients that turned their task down (see Fleet.DeclineTask)."""
+    encoding_policy: _builtins.str
+    """"fixed" or "adaptive" (encodings chosen per client to fit the budget), and
+    the per-client transfer budget of the round in seconds (0 = none).
+    """
+    transfer_budget_seconds: _builtins.float
     @_builtins.property
     def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientRoundEntry]: ...
     @_builtins.property
@@ -307,10 +347,12 @@ class LedgerRow(_message.Message):
         model_sha256: _builtins.str = ...,
         skipped: _abc.Iterable[Global___SkippedClient] | None = ...,
         declined: _builtins.int = ...,
+        encoding_policy: _builtins.str = ...,
+        transfer_budget_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "declined", b"declined", "dropped", b"dropped", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "model_sha256", b"model_sha256", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "skipped", b"skipped", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "declined", b"declined", "dropped", b"dropped", "encoding_policy", b"encoding_policy", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "model_sha256", b"model_sha256", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "skipped", b"skipped", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "transfer_budget_seconds", b"transfer_budget_seconds", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

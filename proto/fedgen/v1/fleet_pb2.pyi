@@ -284,11 +284,20 @@ class TrainConfig(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    UPLOAD_ENCODING_FIELD_NUMBER: _builtins.int
     local_steps: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
     strategy: _builtins.str
     """Strategy name: "fedavg", "fedprox", "fedgen"."""
+    upload_encoding: _builtins.str
+    """How to encode the update, chosen per client from its measured uplink:
+    "fp32" (the whole trained state, exact), or a difference against the
+    downloaded global model (TensorBundle.base_sha256) as "fp16+zstd",
+    "int8+zstd" or "topk<percent>+zstd" (e.g. "topk10+zstd": the largest 10%
+    of each tensor's entries, with error feedback kept on the client).
+    Empty means "fp32". A client that cannot produce it sends "fp32".
+    """
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Strategy-specific scalars (e.g. "proximal_mu"), documented per strategy."""
@@ -301,10 +310,11 @@ class TrainConfig(_message.Message):
         learning_rate: _builtins.float = ...,
         strategy: _builtins.str = ...,
         params: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        upload_encoding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "params", b"params", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "params", b"params", "strategy", b"strategy", "upload_encoding", b"upload_encoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,12 +330,23 @@ class ArtifactRef(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    ENCODING_NAME_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """Lower-case hex sha256 of the artifact's bytes; also its id."""
     size_bytes: _builtins.int
     kind: Global___ArtifactKind.ValueType
     encoding: _tensor_pb2.Encoding.ValueType
     """Encoding of the tensors inside (model artifacts)."""
+    compression: _tensor_pb2.Compression.ValueType
+    """COMPRESSION_ZSTD: the artifact's bytes are one Zstandard frame around the
+    payload (a TensorBundle, or an ONNX file); the digest is of the bytes as sent.
+    """
+    encoding_name: _builtins.str
+    """The encoding the coordinator chose for this client and this artifact, as a
+    name: "fp32", "fp16+zstd", "int8+zstd" (models); "fp32+zstd",
+    "int8+zstd", "int4+zstd" (generators, weight-only quantised ONNX).
+    """
     def __init__(
         self,
         *,
@@ -333,10 +354,12 @@ class ArtifactRef(_message.Message):
         size_bytes: _builtins.int = ...,
         kind: Global___ArtifactKind.ValueType = ...,
         encoding: _tensor_pb2.Encoding.ValueType = ...,
+        compression: _tensor_pb2.Compression.ValueType = ...,
+        encoding_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "encoding", b"encoding", "kind", b"kind", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "compression", b"compression", "encoding", b"encoding", "encoding_name", b"encoding_name", "kind", b"kind", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -548,6 +571,7 @@ class UpdateHeader(_message.Message):
     PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    DOWNLOADS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     task_id: _builtins.str
     idempotency_key: _builtins.str
@@ -566,6 +590,13 @@ class UpdateHeader(_message.Message):
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Training metrics, e.g. "loss", "accuracy", "regulariser"."""
 
+    @_builtins.property
+    def downloads(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferTiming]:
+        """The downloads of this task as the client timed them (first request to
+        last byte, retries included): the coordinator's link estimate learns from
+        these and from the upload it times itself.
+        """
+
     def __init__(
         self,
         *,
@@ -578,14 +609,41 @@ class UpdateHeader(_message.Message):
         payload_sha256: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         train_seconds: _builtins.float = ...,
+        downloads: _abc.Iterable[Global___TransferTiming] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "label_counts", b"label_counts", "metrics", b"metrics", "num_examples", b"num_examples", "payload_bytes", b"payload_bytes", "payload_sha256", b"payload_sha256", "round", b"round", "task_id", b"task_id", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloads", b"downloads", "idempotency_key", b"idempotency_key", "label_counts", b"label_counts", "metrics", b"metrics", "num_examples", b"num_examples", "payload_bytes", b"payload_bytes", "payload_sha256", b"payload_sha256", "round", b"round", "task_id", b"task_id", "train_seconds", b"train_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateHeader: _TypeAlias = UpdateHeader  # noqa: Y015
+
+@_typing.final
+class TransferTiming(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    WIRE_BYTES_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    wire_bytes: _builtins.int
+    """Bytes received on the wire (messages plus gRPC framing); 0 for a cache hit."""
+    seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        wire_bytes: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "seconds", b"seconds", "wire_bytes", b"wire_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferTiming: _TypeAlias = TransferTiming  # noqa: Y015
 
 @_typing.final
 class UploadMessage(_message.Message):

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64gen/v1/tensor.proto\x12\tfedgen.v1\"\xcd\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.fedgen.v1.DType\x12%\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x13.fedgen.v1.Encoding\x12+\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x16.fedgen.v1.Compression\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06scales\x18\x07 \x03(\x02\x12\x13\n\x0bzero_points\x18\x08 \x03(\x02\"2\n\x0cTensorBundle\x12\"\n\x07tensors\x18\x01 \x03(\x0b\x32\x11.fedgen.v1.Tensor*w\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05*\\\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64gen/v1/tensor.proto\x12\tfedgen.v1\"\xcd\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.fedgen.v1.DType\x12%\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x13.fedgen.v1.Encoding\x12+\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x16.fedgen.v1.Compression\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06scales\x18\x07 \x03(\x02\x12\x13\n\x0bzero_points\x18\x08 \x03(\x02\"G\n\x0cTensorBundle\x12\"\n\x07tensors\x18\x01 \x03(\x0b\x32\x11.fedgen.v1.Tensor\x12\x13\n\x0b\x62\x61se_sha256\x18\x02 \x01(\t*w\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05*t\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x16\n\x12\x45NCODING_TOPK_INT8\x10\x04*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedgen.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=297
-  _globals['_DTYPE']._serialized_end=416
-  _globals['_ENCODING']._serialized_start=418
-  _globals['_ENCODING']._serialized_end=510
-  _globals['_COMPRESSION']._serialized_start=512
-  _globals['_COMPRESSION']._serialized_end=569
+  _globals['_DTYPE']._serialized_start=318
+  _globals['_DTYPE']._serialized_end=437
+  _globals['_ENCODING']._serialized_start=439
+  _globals['_ENCODING']._serialized_end=555
+  _globals['_COMPRESSION']._serialized_start=557
+  _globals['_COMPRESSION']._serialized_end=614
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=243
   _globals['_TENSORBUNDLE']._serialized_start=245
-  _globals['_TENSORBUNDLE']._serialized_end=295
+  _globals['_TENSORBUNDLE']._serialized_end=316
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,13 @@ class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.Val
     """Affine int8 per output channel (dimension 0): value = (q - zero_point) * scale,
     with one `scales` and one `zero_points` entry per output channel.
     """
+    ENCODING_TOPK_INT8: _Encoding.ValueType  # 4
+    """Top-k sparse, for update deltas: `data` is a bitmap of ceil(n / 8) bytes
+    (bit i of byte j, least significant first, marks flat element 8 * j + i as
+    kept) followed by one int8 per kept element, in flat order, dequantised as
+    (q - zero_points[0]) * scales[0]. Elements not kept are zero. The sender keeps
+    what it dropped (error feedback) and sends it in a later round.
+    """
 
 class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper):
     """How the values were turned into `Tensor.data`."""
@@ -77,6 +84,13 @@ ENCODING_FP16: Encoding.ValueType  # 2
 ENCODING_INT8: Encoding.ValueType  # 3
 """Affine int8 per output channel (dimension 0): value = (q - zero_point) * scale,
 with one `scales` and one `zero_points` entry per output channel.
+"""
+ENCODING_TOPK_INT8: Encoding.ValueType  # 4
+"""Top-k sparse, for update deltas: `data` is a bitmap of ceil(n / 8) bytes
+(bit i of byte j, least significant first, marks flat element 8 * j + i as
+kept) followed by one int8 per kept element, in flat order, dequantised as
+(q - zero_points[0]) * scales[0]. Elements not kept are zero. The sender keeps
+what it dropped (error feedback) and sends it in a later round.
 """
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
@@ -151,16 +165,26 @@ class TensorBundle(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENSORS_FIELD_NUMBER: _builtins.int
+    BASE_SHA256_FIELD_NUMBER: _builtins.int
+    base_sha256: _builtins.str
+    """Empty: the tensors are the values themselves. Otherwise the lower-case hex
+    sha256 of an artifact the receiver already holds (a model it was sent), and
+    every tensor is the difference against it: receiver's value = base + tensor.
+    An update uploaded this way names the global-model artifact it was trained
+    from; the coordinator adds the differences to its full-precision copy of
+    that round's model, so a lossy download never compounds.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
         self,
         *,
         tensors: _abc.Iterable[Global___Tensor] | None = ...,
+        base_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,137 @@
+"""Per-client encodings chosen from measured link speed: a pure policy and the estimate it uses.
+
+Every transfer is timed (downloads by the client, uploads by the coordinator). The
+``LinkEstimator`` keeps an exponentially weighted mean of each client's throughput per
+direction, seeded by the link the device declared when it joined. ``choose_encodings`` is a
+pure function: given each transfer's encodings (most faithful first, with their sizes), a
+link and a budget in seconds, it keeps everything as faithful as the budget allows,
+degrading first the transfer whose next encoding saves the most time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Direction = Literal["down", "up"]
+
+#: Throughput assumed for a client that declared none and has not been measured yet (bits/s).
+DEFAULT_ASSUMED_BPS = 20e6
+#: Transfers smaller than this teach the estimator nothing (latency dominates them).
+MIN_OBSERVED_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One encoding of one transfer and its size on the wire."""
+
+    name: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Something a client must move this round, with its encodings, most faithful first."""
+
+    key: str  # "model", "generator", "upload"
+    direction: Direction
+    rungs: tuple[Rung, ...]
+
+    def __post_init__(self) -> None:
+        if not self.rungs:
+            raise ValueError(f"transfer {self.key!r} has no encodings")
+
+
+@dataclass(frozen=True)
+class Link:
+    down_bps: float
+    up_bps: float
+    # Time per transfer that does not depend on its size (request round trip).
+    latency_s: float = 0.0
+
+    def seconds(self, direction: Direction, size_bytes: int) -> float:
+        bps = self.down_bps if direction == "down" else self.up_bps
+        return self.latency_s + 8.0 * size_bytes / max(bps, 1.0)
+
+
+@dataclass(frozen=True)
+class EncodingPlan:
+    choices: dict[str, str]  # transfer key -> encoding name
+    sizes: dict[str, int]
+    expected_s: float
+    fits: bool  # False: even the most compact encodings exceed the budget
+
+
+def choose_encodings(transfers: list[Transfer], link: Link, budget_s: float) -> EncodingPlan:
+    """The most faithful encodings whose expected total transfer time fits ``budget_s``.
+
+    ``budget_s <= 0`` means no budget: every transfer keeps its first (most faithful)
+    encoding. Otherwise, while the plan is over budget, the transfer whose next smaller
+    encoding saves the most seconds steps down (ties: the earlier transfer). When nothing
+    can step down any more the most compact plan is returned with ``fits=False``.
+    """
+    level = {t.key: 0 for t in transfers}
+
+    def cost(t: Transfer, i: int) -> float:
+        return link.seconds(t.direction, t.rungs[i].size_bytes)
+
+    def total() -> float:
+        return sum(cost(t, level[t.key]) for t in transfers)
+
+    def next_smaller(t: Transfer) -> int | None:
+        current = t.rungs[level[t.key]].size_bytes
+        for i in range(level[t.key] + 1, len(t.rungs)):
+            if t.rungs[i].size_bytes < current:
+                return i
+        return None
+
+    while budget_s > 0 and total() > budget_s:
+        best: tuple[float, Transfer, int] | None = None
+        for t in transfers:
+            i = next_smaller(t)
+            if i is None:
+                continue
+            saving = cost(t, level[t.key]) - cost(t, i)
+            if best is None or saving > best[0]:
+                best = (saving, t, i)
+        if best is None:
+            break
+        level[best[1].key] = best[2]
+    expected = total()
+    return EncodingPlan(
+        choices={t.key: t.rungs[level[t.key]].name for t in transfers},
+        sizes={t.key: t.rungs[level[t.key]].size_bytes for t in transfers},
+        expected_s=expected,
+        fits=budget_s <= 0 or expected <= budget_s,
+    )
+
+
+@dataclass
+class LinkEstimator:
+    """EWMA of each client's measured throughput per direction, seeded by its declared profile."""
+
+    weight: float = 0.5  # of the newest measurement
+    assumed_bps: float = DEFAULT_ASSUMED_BPS
+    latency_s: float = 0.0
+    _down: dict[str, float] = field(default_factory=dict)
+    _up: dict[str, float] = field(default_factory=dict)
+
+    def seed(self, client_id: str, down_bps: float, up_bps: float) -> None:
+        """The device's own claim, used until a transfer has been measured."""
+        if down_bps > 0:
+            self._down.setdefault(client_id, float(down_bps))
+        if up_bps > 0:
+            self._up.setdefault(client_id, float(up_bps))
+
+    def observe(self, client_id: str, direction: Direction, wire_bytes: int, seconds: float) -> float | None:
+        """Folds in one timed transfer; returns its throughput, or None if too small to learn from."""
+        if wire_bytes < MIN_OBSERVED_BYTES or not (seconds > 0) or seconds != seconds:
+            return None
+        bps = 8.0 * wire_bytes / seconds
+        table = self._down if direction == "down" else self._up
+        previous = table.get(client_id)
+        table[client_id] = bps if previous is None else (1 - self.weight) * previous + self.weight * bps
+        return bps
+
+    def link(self, client_id: str) -> Link:
+        return Link(self._down.get(client_id, self.assumed_bps), self._up.get(client_id, self.assumed_bps),
+                    self.latency_s)

@@ -1,0 +1,83 @@
+"""Encodings chosen per client over the real wire, and transfers cut for real.
+
+A coordinator process and edge-client processes on real MNIST. Clients reach the coordinator
+through ``tools.netem`` proxies: real TCP connections that are shaped, counted or cut.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import parse_config
+from coordinator.local import LocalFederation, write_shards
+from fedcore.data import load_idx_dataset
+from tools.netem import Cut, Shape, TcpProxy
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "bandwidth-enrollment-token"
+
+
+def _config(work: Path, mnist_dir: Path, strategy: str, rounds: int, clients: int, **bandwidth: object):
+    return parse_config({
+        "state_dir": str(work / "state"),
+        "server": {"address": "127.0.0.1:0"},
+        "federation": {"strategy": strategy, "rounds": rounds, "clients_per_round": clients, "min_clients": clients,
+                       "min_completed": clients, "round_timeout_s": 60, "seed": 5},
+        "training": {"local_steps": 10, "learning_rate": 0.05},
+        "fedgen": {"generator_steps": 5},
+        "data": {"test_data_dir": str(mnist_dir)},
+        "auth": {"enrollment_tokens": [TOKEN]},
+        "bandwidth": bandwidth,
+    })
+
+
+def _shards(mnist_dir: Path, work: Path, n: int) -> list[Path]:
+    train = load_idx_dataset(mnist_dir, "train")
+    shards, _ = write_shards(train, work / "shards", n_clients=n, alpha=1.0, seed=2, samples_per_class=150)
+    return shards
+
+
+def _run(fed: LocalFederation, timeout_s: float = 150) -> list:
+    fed.start_clients(TOKEN)
+    for event in fed.events(timeout_s):
+        if event.kind == event.KIND_FEDERATION_FINISHED:
+            break
+    assert fed.wait_clients(60) == [0] * len(fed.shards), "every client exits cleanly"
+    return fed.ledger()
+
+
+def test_adaptive_policy_gives_a_slow_link_compact_encodings(mnist_dir: Path, tmp_path: Path) -> None:
+    """Client 0 sits behind a real 0.4 Mbit/s link and says so; client 1 is on loopback. With a
+    2 s budget the slow client must get compact encodings (a delta upload through error
+    feedback), the fast one the exact ones, and every update must still count."""
+    shards = _shards(mnist_dir, tmp_path, 2)
+    config = _config(tmp_path, mnist_dir, "fedgen", rounds=3, clients=2, policy="adaptive", transfer_budget_s=2.0)
+    with LocalFederation(config, shards, tmp_path, per_client_args={0: ["--link-down-mbps", "0.4",
+                                                                          "--link-up-mbps", "0.4"]}) as fed:
+        port = fed.start_coordinator()
+        with TcpProxy(("127.0.0.1", port), down=Shape(0.4e6, 0.02), up=Shape(0.4e6, 0.02)) as slow:
+            fed.per_client_address[0] = slow.address
+            rows = _run(fed)
+    assert [r.completed for r in rows] == [2, 2, 2]
+    slow_id, fast_id = shards[0].stem, shards[1].stem
+    for row in rows:
+        assert row.encoding_policy == "adaptive" and row.transfer_budget_seconds == 2.0
+        entries = {c.client_id: c for c in row.clients}
+        slow_c, fast_c = entries[slow_id], entries[fast_id]
+        assert fast_c.model_encoding == "fp32+zstd" and fast_c.upload_encoding == "fp32"
+        assert slow_c.model_encoding in ("fp16+zstd", "int8+zstd")
+        assert slow_c.upload_encoding != "fp32"
+        assert slow_c.expected_transfer_seconds <= 2.0
+        assert slow_c.bytes_down < 0.6 * fast_c.bytes_down
+        assert slow_c.bytes_up < 0.5 * fast_c.bytes_up
+        assert slow_c.down_seconds > 0 and slow_c.up_seconds > 0
+        assert slow_c.estimated_down_bps < 2e6 < fast_c.estimated_down_bps
+        if row.round > 0:  # from round 1 a generator ships, in the encoding the link affords
+            assert fast_c.generator_encoding == "fp32+zstd"
+            assert slow_c.generator_encoding in ("int8+zstd", "int4+zstd")
+        assert math.isfinite(row.test_accuracy)
+    # The slow client's deltas (lossy, sparse) were applied to the model, and it learned.
+    assert rows[-1].test_accuracy > rows[0].test_accuracy + 0.05, [r.test_accuracy for r in rows]
