@@ -19,6 +19,7 @@ CSV_COLUMNS = [
     "round", "attempt", "strategy", "cohort_size", "completed", "dropped", "rejected", "declined", "skipped",
     "bytes_down", "bytes_up", "wait_seconds", "aggregate_seconds", "evaluate_seconds",
     "round_seconds", "test_accuracy", "test_loss", "opened_unix_ms", "committed_unix_ms",
+    "encoding_policy", "transfer_budget_seconds",
 ]
 
 

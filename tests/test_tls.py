@@ -10,7 +10,7 @@ from certs import SERVER_NAME, Pki, make_pki
 from coordinator.config import ConfigError, parse_config
 from coordinator.local import LocalFederation, write_shards
 from fedcore.data import load_idx_dataset
-from fedcore.transport import channel_options, client_tls_credentials
+from fedcore.transport import bearer_metadata, channel_options, client_tls_credentials
 from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -38,14 +38,20 @@ def _config(tmp_path: Path, pki: Pki, mnist_dir: Path, mutual: bool, rounds: int
     })
 
 
-def _join(address: str, credentials: grpc.ChannelCredentials | None) -> fleet_pb2.JoinResponse:
+def _join(address: str, credentials: grpc.ChannelCredentials | None, leave: bool = False) -> fleet_pb2.JoinResponse:
+    """Joins (and with `leave`, leaves again at once, so the round engine never samples this
+    client that will not train)."""
     options = channel_options()
     if credentials is None:
         channel = grpc.insecure_channel(address, options)
     else:
         channel = grpc.secure_channel(address, credentials, options + [("grpc.ssl_target_name_override", SERVER_NAME)])
     with channel:
-        return fleet_pb2_grpc.FleetStub(channel).Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN), timeout=10)
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        reply = stub.Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN), timeout=10)
+        if leave:
+            stub.Leave(fleet_pb2.LeaveRequest(reason="test"), timeout=10, metadata=bearer_metadata(reply.credential))
+        return reply
 
 
 def test_tls_federation_with_real_clients(pki: Pki, mnist_dir: Path, tmp_path: Path) -> None:
@@ -61,7 +67,8 @@ def test_tls_federation_with_real_clients(pki: Pki, mnist_dir: Path, tmp_path: P
         with pytest.raises(grpc.RpcError) as err:
             _join(fed.address, None)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert _join(fed.address, client_tls_credentials(pki.ca_cert)).client_id
+        joined = _join(fed.address, client_tls_credentials(pki.ca_cert), leave=True)
+        assert joined.client_id
         fed.start_clients(TOKEN)
         events = list(fed.events(timeout_s=300))
         assert events[-1].kind == control_pb2.RoundEvent.KIND_FEDERATION_FINISHED
