@@ -29,6 +29,7 @@ from coordinator.evaluation import evaluate_state
 from coordinator.fedgen import GENERATOR_ARTIFACT as GENERATOR_KIND
 from coordinator.ledger import LedgerWriter
 from coordinator.store import StateStore, StoredRound, StoredUpdate
+from coordinator.link_policy import DownloadTiming
 from coordinator.transfers import ClientPlan, RoundVariants, TransferPlanner
 from coordinator.strategy import ClientResult, RoundPlan, State, Strategy
 from coordinator.validation import UpdateRejected, validate_counts, validate_report, validate_state
@@ -103,8 +104,8 @@ class UploadHeader:
     payload_sha256: str
     metrics: dict[str, float]
     train_seconds: float
-    # The task's downloads as the client timed them: (artifact id, wire bytes, seconds).
-    downloads: tuple[tuple[str, int, float], ...] = ()
+    # The task's downloads as the client timed them.
+    downloads: tuple[DownloadTiming, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class OpenRound:
     # Connected clients left out of the sample when the round opened, and why.
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_down: Counter[str] = field(default_factory=Counter)
+    bytes_up: Counter[str] = field(default_factory=Counter)  # requests other than the update
     # The round's artifacts in every encoding, and each client's encodings (fixed at its first poll).
     variants: RoundVariants = field(default_factory=RoundVariants)
     plans: dict[str, ClientPlan] = field(default_factory=dict)
@@ -417,9 +419,17 @@ class Federation:
         return f"not sampled for round {r.round}"
 
     def record_download(self, client_id: str, nbytes: int) -> None:
+        """Bytes of a message the coordinator sent a client of the open round's cohort."""
         r = self._round
         if r is not None and client_id in r.cohort:
             r.bytes_down[client_id] += nbytes
+
+    def record_upload(self, client_id: str, nbytes: int) -> None:
+        """Bytes of a request a cohort client sent besides its update (task poll, download requests,
+        heartbeats): the update itself is counted with it, once, when it is accepted."""
+        r = self._round
+        if r is not None and client_id in r.cohort:
+            r.bytes_up[client_id] += nbytes
 
     def published_artifacts(self) -> set[str]:
         """What a client may download: the global model and the open round's artifacts. Never
@@ -481,7 +491,7 @@ class Federation:
         digest = await asyncio.to_thread(self.store.blobs.put, stored)
         plan = r.plans.get(client_id)
         encoding = plan.upload_encoding if plan is not None else "fp32"
-        down_seconds = self.transfers.observe_downloads(client_id, [(b, s) for _, b, s in header.downloads])
+        down_seconds = self.transfers.observe_downloads(client_id, header.downloads)
         self.transfers.observe_upload(client_id, encoding, bytes_up, up_seconds)
         metrics = {**header.metrics, "wire_down_seconds": round(down_seconds, 4),
                    "wire_up_seconds": round(up_seconds, 4)}
@@ -525,9 +535,9 @@ class Federation:
         validate_counts(header.num_examples, header.label_counts, self.model_config.n_classes,
                         plan.local_steps * plan.batch_size if plan is not None else None)
         validate_report(header.metrics, header.train_seconds)
-        if len(header.downloads) > 16 or any(not (math.isfinite(s) and 0 <= s <= 86_400) or b < 0
-                                             for _, b, s in header.downloads):
-            raise UpdateRejected("downloads: at most 16 timings, each with 0 <= seconds <= 86400")
+        if len(header.downloads) > 16 or not all(d.valid() for d in header.downloads):
+            raise UpdateRejected("downloads: at most 16 timings, each with 0 <= first_chunk_seconds <= seconds "
+                                 "<= 86400 and first_chunk_bytes <= wire_bytes")
         try:
             bundle = bundle_from_bytes(payload)
             state = decode_state(bundle)
@@ -697,7 +707,7 @@ class Federation:
             plan = r.plans.get(cid)
             clients.append({
                 "client_id": cid, "outcome": outcome, "reason": reason,
-                "bytes_down": int(r.bytes_down[cid]), "bytes_up": int(u.bytes_up if u else 0),
+                "bytes_down": int(r.bytes_down[cid]), "bytes_up": int(r.bytes_up[cid] + (u.bytes_up if u else 0)),
                 "num_examples": int(u.num_examples if u else 0), "train_seconds": float(u.train_seconds if u else 0.0),
                 "metrics": metrics,
                 **(plan.ledger_fields() if plan is not None else {}),

@@ -9,6 +9,7 @@ degrading first the transfer whose next encoding saves the most time.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,7 +17,9 @@ Direction = Literal["down", "up"]
 
 #: Throughput assumed for a client that declared none and has not been measured yet (bits/s).
 DEFAULT_ASSUMED_BPS = 20e6
-#: Transfers smaller than this teach the estimator nothing (latency dominates them).
+#: Per-transfer latency assumed until one has been measured.
+DEFAULT_ASSUMED_LATENCY_S = 0.05
+#: Transfers smaller than this teach the rate estimate nothing (latency dominates them).
 MIN_OBSERVED_BYTES = 4096
 
 
@@ -105,15 +108,36 @@ def choose_encodings(transfers: list[Transfer], link: Link, budget_s: float) -> 
     )
 
 
+@dataclass(frozen=True)
+class DownloadTiming:
+    """One download as the client timed it: from its request to the last byte, and to the first chunk."""
+
+    wire_bytes: int
+    seconds: float
+    first_chunk_seconds: float = 0.0
+    first_chunk_bytes: int = 0
+
+    def valid(self) -> bool:
+        return (math.isfinite(self.seconds) and math.isfinite(self.first_chunk_seconds)
+                and 0 <= self.first_chunk_seconds <= self.seconds <= 86_400
+                and 0 <= self.first_chunk_bytes <= self.wire_bytes)
+
+
 @dataclass
 class LinkEstimator:
-    """EWMA of each client's measured throughput per direction, seeded by its declared profile."""
+    """EWMAs of each client's measured throughput per direction and of its per-transfer latency.
+
+    Throughput is seeded by the client's declared profile. A download's chunks after the first
+    measure the rate; the first chunk, less its own transmission time, measures the latency
+    (request round trip) that every transfer pays whatever its size.
+    """
 
     weight: float = 0.5  # of the newest measurement
     assumed_bps: float = DEFAULT_ASSUMED_BPS
-    latency_s: float = 0.0
+    assumed_latency_s: float = DEFAULT_ASSUMED_LATENCY_S
     _down: dict[str, float] = field(default_factory=dict)
     _up: dict[str, float] = field(default_factory=dict)
+    _latency: dict[str, float] = field(default_factory=dict)
 
     def seed(self, client_id: str, down_bps: float, up_bps: float) -> None:
         """The device's own claim, used until a transfer has been measured."""
@@ -127,11 +151,24 @@ class LinkEstimator:
         if wire_bytes < MIN_OBSERVED_BYTES or not (seconds > 0) or seconds != seconds:
             return None
         bps = 8.0 * wire_bytes / seconds
-        table = self._down if direction == "down" else self._up
-        previous = table.get(client_id)
-        table[client_id] = bps if previous is None else (1 - self.weight) * previous + self.weight * bps
+        self._fold(self._down if direction == "down" else self._up, client_id, bps)
         return bps
+
+    def observe_download(self, client_id: str, t: DownloadTiming) -> None:
+        """Rate from the chunks after the first (when there are enough of them), latency from the first."""
+        if not t.valid() or t.wire_bytes == 0:
+            return
+        if t.first_chunk_bytes:
+            self.observe(client_id, "down", t.wire_bytes - t.first_chunk_bytes, t.seconds - t.first_chunk_seconds)
+            rate = self._down.get(client_id, self.assumed_bps)
+            self._fold(self._latency, client_id, max(0.0, t.first_chunk_seconds - 8.0 * t.first_chunk_bytes / rate))
+        else:
+            self.observe(client_id, "down", t.wire_bytes, t.seconds)
+
+    def _fold(self, table: dict[str, float], client_id: str, value: float) -> None:
+        previous = table.get(client_id)
+        table[client_id] = value if previous is None else (1 - self.weight) * previous + self.weight * value
 
     def link(self, client_id: str) -> Link:
         return Link(self._down.get(client_id, self.assumed_bps), self._up.get(client_id, self.assumed_bps),
-                    self.latency_s)
+                    self._latency.get(client_id, self.assumed_latency_s))

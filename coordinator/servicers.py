@@ -110,6 +110,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         wait_s = min(request.max_wait_ms / 1000, self.max_poll_wait_s)
         task = wire.assignment_to_proto(await self.fed.poll(client_id, wait_s))
         if task.HasField("train"):
+            self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
             self.fed.record_download(client_id, wire_bytes(task.ByteSize()))
         return task
 
@@ -118,6 +119,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self, request: fleet_pb2.DownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
         client_id = self._client(context)
+        self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
         data = await asyncio.to_thread(self.fed.artifact_bytes, request.artifact_id)
         if request.offset > len(data):
             raise errors.OutOfRange(f"offset {request.offset} is beyond the artifact's {len(data)} bytes")
@@ -167,7 +169,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             parts.append(msg.chunk)
         seconds = time.monotonic() - started
         result = await self.fed.accept_upload(client_id, header, b"".join(parts), received, seconds)
-        return wire.upload_result_to_proto(result)
+        ack = wire.upload_result_to_proto(result)
+        self.fed.record_download(client_id, wire_bytes(ack.ByteSize()))
+        return ack
 
     @unary_errors
     async def Heartbeat(
@@ -175,7 +179,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     ) -> fleet_pb2.HeartbeatResponse:
         client_id = self._client(context)
         await self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
-        return fleet_pb2.HeartbeatResponse(current_round=self.fed.current_round)
+        response = fleet_pb2.HeartbeatResponse(current_round=self.fed.current_round)
+        self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
+        self.fed.record_download(client_id, wire_bytes(response.ByteSize()))
+        return response
 
     @unary_errors
     async def DeclineTask(

@@ -223,6 +223,11 @@ class StateStore:
         rows = self._query("SELECT * FROM rounds WHERE status='open' ORDER BY round, attempt")
         return [StoredRound(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
+    def round_artifacts(self, round_: int, attempt: int) -> list[dict[str, Any]]:
+        """The extra artifacts (e.g. the generator) a round shipped, as recorded when it opened."""
+        rows = self._query("SELECT artifacts_json FROM rounds WHERE round=? AND attempt=?", (round_, attempt))
+        return json.loads(rows[0][0]) if rows else []
+
     def max_attempt(self, round_: int) -> int:
         rows = self._query("SELECT MAX(attempt) FROM rounds WHERE round=?", (round_,))
         return -1 if rows[0][0] is None else int(rows[0][0])

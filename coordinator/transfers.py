@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from coordinator.config import BandwidthConfig
-from coordinator.link_policy import EncodingPlan, LinkEstimator, Rung, Transfer, choose_encodings
+from coordinator.link_policy import DownloadTiming, EncodingPlan, LinkEstimator, Rung, Transfer, choose_encodings
 from coordinator.store import BlobStore
 from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state, \
     estimate_encoded_bytes
@@ -145,11 +145,13 @@ class TransferPlanner:
         )
 
     # ------------------------------------------------------------ learning
-    def observe_downloads(self, client_id: str, timings: list[tuple[int, float]]) -> float:
-        """The client's timed downloads (wire bytes, seconds); returns the total seconds."""
-        for nbytes, seconds in timings:
-            self.estimator.observe(client_id, "down", nbytes, seconds)
-        return sum(s for _, s in timings)
+    def observe_downloads(self, client_id: str, timings: Iterable[DownloadTiming]) -> float:
+        """The client's timed downloads; returns their total seconds."""
+        total = 0.0
+        for t in timings:
+            self.estimator.observe_download(client_id, t)
+            total += t.seconds
+        return total
 
     def observe_upload(self, client_id: str, encoding: str, nbytes: int, seconds: float) -> None:
         self.estimator.observe(client_id, "up", nbytes, seconds)

@@ -9,6 +9,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from coordinator.link_policy import DownloadTiming
 from coordinator.federation import (
     Assignment, DoneAssignment, Event, TrainAssignment, UploadHeader, UploadResult, WaitAssignment,
 )
@@ -84,7 +85,8 @@ def upload_header_from_proto(h: fleet_pb2.UpdateHeader) -> UploadHeader:
         round=h.round, task_id=h.task_id, idempotency_key=h.idempotency_key, num_examples=h.num_examples,
         label_counts=tuple(h.label_counts), payload_bytes=h.payload_bytes, payload_sha256=h.payload_sha256,
         metrics=dict(h.metrics), train_seconds=h.train_seconds,
-        downloads=tuple((d.artifact_id[:64], int(d.wire_bytes), float(d.seconds)) for d in h.downloads),
+        downloads=tuple(DownloadTiming(int(d.wire_bytes), float(d.seconds), float(d.first_chunk_seconds),
+                                       int(d.first_chunk_bytes)) for d in h.downloads),
     )
 
 

@@ -92,9 +92,9 @@ class FleetConnection:
         self._credential: str | None = None
         self.heartbeat_interval_s = 20.0
         self.stats = TransferStats()
-        # This task's downloads as timed here (artifact id, wire bytes, seconds): sent with the
-        # update so the coordinator learns this device's link. The runner clears it per task.
-        self.download_log: list[tuple[str, int, float]] = []
+        # This task's downloads as timed here: sent with the update so the coordinator learns
+        # this device's link. The runner clears it per task.
+        self.download_log: list[fleet_pb2.TransferTiming] = []
 
     def close(self) -> None:
         self._channel.close()
@@ -183,11 +183,12 @@ class FleetConnection:
         final = cache_dir / digest
         if final.exists():
             self.stats.artifacts_from_cache += 1
-            self.download_log.append((digest, 0, 0.0))
+            self.download_log.append(fleet_pb2.TransferTiming(artifact_id=digest))
             return final
         part = cache_dir / f"{digest}.part"
         started = time.monotonic()
         received = 0
+        first: tuple[float, int] | None = None  # (seconds after the request, wire bytes) of the first chunk
         attempt = 0
         while True:
             offset = part.stat().st_size if part.exists() else 0
@@ -203,6 +204,8 @@ class FleetConnection:
                         offset += len(chunk.data)
                         self.stats.bytes_down += wire_bytes(chunk.ByteSize())
                         received += wire_bytes(chunk.ByteSize())
+                        if first is None:
+                            first = (time.monotonic() - started, wire_bytes(chunk.ByteSize()))
                     f.flush()
                     os.fsync(f.fileno())
                 break
@@ -217,7 +220,9 @@ class FleetConnection:
                 attempt += 1
         elapsed = time.monotonic() - started
         self.stats.seconds_down += elapsed
-        self.download_log.append((digest, received, elapsed))
+        first_s, first_bytes = first or (0.0, 0)
+        self.download_log.append(fleet_pb2.TransferTiming(artifact_id=digest, wire_bytes=received, seconds=elapsed,
+                                                          first_chunk_seconds=first_s, first_chunk_bytes=first_bytes))
         if _file_sha256(part) != digest:
             part.unlink()
             raise FleetCallError(grpc.StatusCode.DATA_LOSS, f"artifact {digest[:12]} failed its digest check; discarded")

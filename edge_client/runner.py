@@ -268,7 +268,7 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         result = trainer.train(state, plan, generator)
     if evaluation is not None:
         result.metrics["local_test_correct"], result.metrics["local_test_total"] = map(float, evaluation)
-    payload = _encode_update(result.state, state, task, feedback or ErrorFeedback())
+    payload = _encode_update(result.state, state, task, feedback or ErrorFeedback(), trainer.buffer_names)
     # What the round cost this device, measured: its own peak resident memory and CPU time.
     peak = peak_rss_mib()
     result.metrics["cpu_seconds"] = round(time.process_time() - cpu_before, 4)
@@ -288,7 +288,7 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         num_examples=result.num_examples, label_counts=result.label_counts,
         payload_bytes=len(payload), payload_sha256=sha256_hex(payload),
         metrics=result.metrics, train_seconds=result.train_seconds,
-        downloads=[fleet_pb2.TransferTiming(artifact_id=a, wire_bytes=b, seconds=t) for a, b, t in conn.download_log],
+        downloads=conn.download_log,
     )
     try:
         ack = conn.upload(header, payload)
@@ -304,12 +304,13 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
 
 
 def _encode_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], task: fleet_pb2.TrainTask,
-                   feedback: ErrorFeedback) -> bytes:
+                   feedback: ErrorFeedback, buffer_names: frozenset[str] = frozenset()) -> bytes:
     """The update in the encoding the coordinator asked for.
 
     ``fp32`` is the whole trained state, exact. Anything else is the difference against the
     model as this client decoded it, named by its artifact id, through error feedback: what a
-    lossy encoding leaves out this round is added to the next one.
+    lossy encoding leaves out this round is added to the next one. BatchNorm statistics
+    (``buffer_names``) travel exact and without that memory: they are states, not updates.
     """
     name = task.config.upload_encoding or "fp32"
     try:
@@ -320,7 +321,8 @@ def _encode_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarra
     if spec == EncodingSpec():
         return bundle_to_bytes(encode_state(trained, spec))
     try:
-        return bundle_to_bytes(feedback.encode(state_delta(trained, received), spec, task.global_model.artifact_id))
+        return bundle_to_bytes(feedback.encode(state_delta(trained, received), spec, task.global_model.artifact_id,
+                                               exact=buffer_names))
     except CodecError as err:  # e.g. a diverged model with non-finite values: the coordinator says why
         _LOGGER.warning("round %d: cannot encode the update as %s (%s); sending fp32", task.round, spec.name, err)
         return bundle_to_bytes(encode_state(trained, EncodingSpec()))

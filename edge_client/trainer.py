@@ -80,6 +80,8 @@ class LocalTrainer:
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.n_classes = n_classes
         self.model = Classifier(model_config)
+        # BatchNorm running statistics: states, not trained parameters (see _encode_update).
+        self.buffer_names = frozenset(name for name, _ in self.model.named_buffers())
         self.batches = BatchStream(len(labels), seed)
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)

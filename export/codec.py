@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,16 +335,17 @@ def _encode_topk(flat: np.ndarray, density: float) -> tuple[bytes, np.ndarray, n
     return np.packbits(keep, bitorder="little").tobytes() + q.tobytes(), scale, zero_point
 
 
-def encode_state(state: Mapping[str, np.ndarray], spec: EncodingSpec,
-                 base_sha256: str = "") -> tensor_pb2.TensorBundle:
+def encode_state(state: Mapping[str, np.ndarray], spec: EncodingSpec, base_sha256: str = "",
+                 overrides: Mapping[str, EncodingSpec] | None = None) -> tensor_pb2.TensorBundle:
     """Encode a state dict (name -> array) into a ``TensorBundle``, keeping its order.
 
     With ``base_sha256`` the arrays are differences against that artifact (see
-    ``apply_delta``); top-k only makes sense for such differences.
+    ``apply_delta``); top-k only makes sense for such differences. ``overrides`` gives
+    some tensors their own spec (e.g. BatchNorm statistics kept exact).
     """
     bundle = tensor_pb2.TensorBundle(base_sha256=base_sha256)
     for key, value in state.items():
-        bundle.tensors.append(encode_array(key, value, spec))
+        bundle.tensors.append(encode_array(key, value, (overrides or {}).get(key, spec)))
     return bundle
 
 
@@ -561,8 +562,11 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residual: dict[str, np.ndarray] = {}
 
-    def encode(self, delta: Mapping[str, np.ndarray], spec: EncodingSpec,
-               base_sha256: str) -> tensor_pb2.TensorBundle:
+    def encode(self, delta: Mapping[str, np.ndarray], spec: EncodingSpec, base_sha256: str,
+               exact: Collection[str] = ()) -> tensor_pb2.TensorBundle:
+        """``exact`` names tensors sent as fp32 differences with no memory: statistics such as
+        BatchNorm's running mean and variance, which are states rather than accumulating
+        updates (a held-back difference sent again later would overshoot them)."""
         target = {}
         for key, value in delta.items():
             value = np.asarray(value)
@@ -570,9 +574,10 @@ class ErrorFeedback:
             if value.dtype.kind == "f" and previous is not None and previous.shape == value.shape:
                 value = value + previous
             target[key] = value
-        bundle = encode_state(target, spec, base_sha256)
+        bundle = encode_state(target, spec, base_sha256, overrides={k: EncodingSpec() for k in exact})
         sent = decode_state(bundle)
-        self.residual = {k: (v - sent[k]).astype(np.float32) for k, v in target.items() if v.dtype.kind == "f"}
+        self.residual = {k: (v - sent[k]).astype(np.float32) for k, v in target.items()
+                         if v.dtype.kind == "f" and k not in exact}
         return bundle
 
 

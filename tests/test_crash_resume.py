@@ -183,7 +183,8 @@ def test_sigkill_during_an_upload_then_the_retry_counts_once(mnist_dir: Path, tm
     assert len(rows) == 1 and rows[0].completed == 1
     (entry,) = rows[0].clients
     assert entry.client_id == "raw-device" and entry.outcome == "completed"
-    assert entry.bytes_up == ack.received_bytes  # counted once, the cut attempt not at all
+    # The update counted once (the cut attempt not at all), plus the small task-poll and download requests.
+    assert 0 <= entry.bytes_up - ack.received_bytes < 256, (entry.bytes_up, ack.received_bytes)
 
 
 def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> None:
@@ -226,7 +227,8 @@ def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> 
         events = list(fed.events(timeout_s=120))
         assert events[-1].kind == EVENT.KIND_FEDERATION_FINISHED
         rows = fed.ledger()
-    assert len(rows) == 1 and rows[0].completed == 1 and rows[0].clients[0].bytes_up == ack.received_bytes
+    assert len(rows) == 1 and rows[0].completed == 1
+    assert 0 <= rows[0].clients[0].bytes_up - ack.received_bytes < 256, (rows[0].clients[0].bytes_up, ack.received_bytes)
 
 
 def test_a_client_killed_mid_round_comes_back_and_the_federation_finishes(mnist_dir: Path, tmp_path: Path) -> None:

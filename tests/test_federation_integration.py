@@ -211,7 +211,8 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
     assert outcomes["silent"][0] == "dropped"
     assert outcomes["duplicator"][0] == "completed"
     dup_entry = next(c for c in r0.clients if c.client_id == "duplicator")
-    assert dup_entry.bytes_up == ack1.received_bytes and dup_entry.num_examples == 50
+    # One upload counted (plus its task poll and download requests), not two.
+    assert 0 <= dup_entry.bytes_up - ack1.received_bytes < 256 and dup_entry.num_examples == 50
     for r in rows[1:]:
         assert r.completed == 3 and r.dropped == 0 and r.rejected == 0
     for r in rows:

@@ -68,3 +68,27 @@ def test_estimator_ignores_what_it_cannot_learn_from(nbytes: int, seconds: float
     est = LinkEstimator(assumed_bps=5e6)
     assert est.observe("a", "up", nbytes, seconds) is None
     assert est.link("a").up_bps == 5e6
+
+
+def test_a_download_teaches_rate_from_its_later_chunks_and_latency_from_its_first() -> None:
+    from coordinator.link_policy import DownloadTiming
+
+    est = LinkEstimator(weight=1.0)
+    # 1 Mbit/s with 0.2 s of request latency: a 64 KB first chunk at 0.2 + 0.524 s, 100 KB more in 0.8 s.
+    est.observe_download("a", DownloadTiming(wire_bytes=165_536, seconds=1.524, first_chunk_seconds=0.724,
+                                             first_chunk_bytes=65_536))
+    link = est.link("a")
+    assert link.down_bps == pytest.approx(1e6, rel=1e-3)
+    assert link.latency_s == pytest.approx(0.2, abs=1e-3)
+    assert link.seconds("down", 125_000) == pytest.approx(1.2, abs=1e-3)
+
+
+def test_malformed_download_timings_teach_nothing() -> None:
+    from coordinator.link_policy import DownloadTiming
+
+    est = LinkEstimator(assumed_bps=5e6)
+    for bad in (DownloadTiming(100_000, 1.0, 2.0, 10), DownloadTiming(100_000, float("inf"), 0, 0),
+                DownloadTiming(100, 1.0, 0.5, 200)):
+        assert not bad.valid()
+        est.observe_download("a", bad)
+    assert est.link("a").down_bps == 5e6 and est.link("a").latency_s == est.assumed_latency_s

@@ -184,7 +184,13 @@ class ClientRoundEntry(_message.Message):
     reason: _builtins.str
     """Why, for "dropped", "rejected" and "declined"."""
     bytes_down: _builtins.int
-    """Serialized bytes of every message exchanged for this round, per direction."""
+    """Bytes of every message this client and the coordinator exchanged for this
+    round, per direction: the task and the poll that got it, download requests
+    and chunks, the update and its acknowledgement, heartbeats. Each message
+    counts its serialized size plus gRPC's 5-byte prefix; HTTP/2 frame and
+    header bytes are not visible to the application and are not included
+    (benchmarks/bandwidth.py measures the whole socket against this).
+    """
     bytes_up: _builtins.int
     num_examples: _builtins.int
     train_seconds: _builtins.float

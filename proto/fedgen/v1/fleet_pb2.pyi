@@ -626,20 +626,29 @@ class TransferTiming(_message.Message):
     ARTIFACT_ID_FIELD_NUMBER: _builtins.int
     WIRE_BYTES_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
+    FIRST_CHUNK_SECONDS_FIELD_NUMBER: _builtins.int
+    FIRST_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     wire_bytes: _builtins.int
     """Bytes received on the wire (messages plus gRPC framing); 0 for a cache hit."""
     seconds: _builtins.float
+    first_chunk_seconds: _builtins.float
+    """When the first chunk arrived (seconds after the request) and its wire bytes:
+    the rest of the transfer measures the link's rate, the first its latency.
+    """
+    first_chunk_bytes: _builtins.int
     def __init__(
         self,
         *,
         artifact_id: _builtins.str = ...,
         wire_bytes: _builtins.int = ...,
         seconds: _builtins.float = ...,
+        first_chunk_seconds: _builtins.float = ...,
+        first_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "seconds", b"seconds", "wire_bytes", b"wire_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "first_chunk_bytes", b"first_chunk_bytes", "first_chunk_seconds", b"first_chunk_seconds", "seconds", b"seconds", "wire_bytes", b"wire_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
