@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     emulation = emulate_links(console, args, data_dir, train)
 
     ratios = [r["ledger_to_socket_ratio"] for r in run_rows]
+    targets = check_targets(rows, run_rows, emulation, by_run)
     summary = {
+        "targets": targets,
         "setting": {"dataset": "mnist", "users": N_USERS, "per_round": PER_ROUND, "alpha": ALPHA,
                     "samples_per_class": SAMPLES_PER_CLASS, "rounds": args.rounds, "strategy": "fedgen",
                     "final_accuracy": f"mean global test accuracy (10,000 images) over the last {args.final_window} rounds"},
@@ -315,6 +317,37 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(console, rows, run_rows, emulation, summary, args)
     console.print(f"\nwrote {json_path}, {json_path.with_suffix('.csv')}, {png}")
     return 0
+
+
+def check_targets(rows: list[dict[str, Any]], run_rows: list[dict[str, Any]], emulation: list[dict[str, Any]],
+                  by_run: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it was met."""
+    def row(artifact: str, encoding: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["artifact"] == artifact and r["encoding"] == encoding), None)
+
+    out = []
+    for label, artifact, encoding, limit in (("model downlink, int8+zstd", "model", "int8+zstd", 0.27),
+                                             ("generator artifact, int8+zstd", "generator", "int8+zstd", 0.30)):
+        r = row(artifact, encoding)
+        if r is not None:
+            out.append({"target": f"{label} <= {limit:.0%} of fp32", "value": r["ratio_to_fp32"],
+                        "met": r["ratio_to_fp32"] <= limit})
+    topk = by_run.get("up-topk10")
+    if topk is not None:
+        ratio = topk["up_bytes_per_client_round"] / by_run["fp32"]["up_bytes_per_client_round"]
+        out.append({"target": "uplink update, topk10+zstd, per client-round as the ledger counts it <= 15% of fp32",
+                    "value": ratio, "met": ratio <= 0.15})
+    for r in run_rows:
+        if r["run"] != "fp32":
+            out.append({"target": f"{r['run']}: final accuracy within 0.5 points of fp32",
+                        "value": r["accuracy_delta_points"], "met": abs(r["accuracy_delta_points"]) <= 0.5})
+    worst = min(r["ledger_to_socket_ratio"] for r in run_rows)
+    out.append({"target": "ledger bytes within 2% of socket bytes, every run", "value": worst, "met": worst >= 0.98})
+    adaptive = [e for e in emulation if e["policy"] == "adaptive"]
+    out.append({"target": "adaptive policy keeps every profile's transfers within the budget",
+                "value": max(e["transfer_seconds_max"] for e in adaptive),
+                "met": all(e["within_budget"] for e in adaptive)})
+    return out
 
 
 def emulate_links(console: Console, args: argparse.Namespace, data_dir: Path, train: Any) -> list[dict[str, Any]]:
@@ -385,6 +418,9 @@ def print_tables(console: Console, rows: list[dict[str, Any]], run_rows: list[di
     console.print(t)
     console.print(f"ledger/socket byte ratio: mean {summary['ledger_to_socket_ratio']:.4f} "
                   f"(min {summary['ledger_to_socket_ratio_min']:.4f}, max {summary['ledger_to_socket_ratio_max']:.4f})")
+    for t in summary["targets"]:
+        console.print(f"  [{'green' if t['met'] else 'red'}]{'met   ' if t['met'] else 'MISSED'}[/] "
+                      f"{t['target']}: {t['value']:.4g}")
 
 
 def plot(runs: dict[str, dict[str, Any]], emulation: list[dict[str, Any]], path: Path) -> Path:

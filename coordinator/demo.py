@@ -39,6 +39,15 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=0.01, help="client SGD learning rate (FedGen official: 0.01)")
     demo.add_argument("--seed", type=int, default=0)
+    bw = demo.add_argument_group("bandwidth (see [bandwidth] in examples/coordinator.toml)")
+    bw.add_argument("--encoding-policy", default="adaptive", choices=["adaptive", "fixed"],
+                    help="adaptive: per client, the most faithful encodings that fit --transfer-budget; "
+                         "fixed: the three encodings below for everyone")
+    bw.add_argument("--transfer-budget", type=float, default=30.0, help="seconds per client-round (adaptive)")
+    bw.add_argument("--model-encoding", default="fp32", help="fixed policy: fp32 | fp16[+zstd] | int8[+zstd]")
+    bw.add_argument("--generator-encoding", default="fp32", help="fixed policy: fp32 | fp16 | int8 | int4, [+zstd]")
+    bw.add_argument("--upload-encoding", default="fp32",
+                    help="fixed policy: fp32 | fp16[+zstd] | int8[+zstd] | topk<percent>[+zstd]")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the ledger, plot and logs go")
     demo.add_argument("--log-level", default="WARNING")
     demo.set_defaults(func=cmd_demo)
@@ -74,6 +83,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            "min_completed": max(1, args.per_round // 2), "round_timeout_s": 60.0, "seed": args.seed},
             "training": {"local_steps": args.local_steps, "batch_size": args.batch_size, "learning_rate": args.lr},
             "data": {"test_data_dir": str(args.data_dir) if args.data_dir else "builtin"},
+            "bandwidth": {"policy": args.encoding_policy, "transfer_budget_s": args.transfer_budget,
+                          "model_encoding": args.model_encoding, "generator_encoding": args.generator_encoding,
+                          "upload_encoding": args.upload_encoding},
         })
         data_dir = args.data_dir or builtin_data_dir()
         train = load_idx_dataset(data_dir, "train")

@@ -26,7 +26,8 @@ Encodings (``EncodingSpec``):
 
 Integer tensors (int64, int32, uint8) are always sent RAW whatever the spec
 asks for; compression still applies to them. ``+zstd`` compresses the encoded
-bytes with one Zstandard frame (level ``ZSTD_LEVEL``).
+bytes with one Zstandard frame (level ``ZSTD_LEVEL``), kept only when the frame is smaller
+than what it holds: a tensor says in its own ``compression`` field whether it is compressed.
 
 Decoding trusts nothing: every enum, the shape, the element count, the exact
 byte length and the INT8 parameters are checked, and a Zstandard frame is never
@@ -301,15 +302,18 @@ def encode_array(name: str, array: np.ndarray, spec: EncodingSpec) -> tensor_pb2
         q = np.clip(q, -128, 127).astype(np.int8)
         payload = q.tobytes()
 
+    compression = tensor_pb2.COMPRESSION_NONE
     if spec.compression == tensor_pb2.COMPRESSION_ZSTD:
-        payload = _compress(payload)
+        packed = _compress(payload)
+        if len(packed) < len(payload):  # int8 codes and tiny tensors often do not compress
+            payload, compression = packed, tensor_pb2.COMPRESSION_ZSTD
 
     tensor = tensor_pb2.Tensor(
         name=name,
         shape=shape,
         dtype=dtype,
         encoding=encoding,
-        compression=spec.compression,
+        compression=compression,
         data=payload,
     )
     if scales is not None:

@@ -83,23 +83,26 @@ def test_adaptive_policy_gives_a_slow_link_compact_encodings(mnist_dir: Path, tm
     assert rows[-1].test_accuracy > rows[0].test_accuracy + 0.05, [r.test_accuracy for r in rows]
 
 
-def _fixed_fp32(tmp_path: Path, mnist_dir: Path):
-    return _config(tmp_path, mnist_dir, "fedavg", rounds=2, clients=1, policy="fixed")
+def _one_client_behind(cut: Cut, mnist_dir: Path, tmp_path: Path) -> tuple[list, TcpProxy, str]:
+    """Two fp32 FedAvg rounds of one client whose connection the proxy cuts once; the ledger,
+    the proxy (with its counts) and the client's log."""
+    shards = _shards(mnist_dir, tmp_path, 1)
+    config = _config(tmp_path, mnist_dir, "fedavg", rounds=2, clients=1, policy="fixed")
+    with LocalFederation(config, shards, tmp_path, client_log_level="INFO") as fed:
+        port = fed.start_coordinator()
+        with TcpProxy(("127.0.0.1", port), cut=cut) as proxy:
+            fed.per_client_address[0] = proxy.address
+            rows = _run(fed)
+    assert proxy.cuts_done == 1 and proxy.connections >= 2
+    assert [r.completed for r in rows] == [1, 1]
+    return rows, proxy, (tmp_path / f"{shards[0].stem}.log").read_text()
 
 
 def test_download_cut_mid_stream_resumes_from_its_offset(mnist_dir: Path, tmp_path: Path) -> None:
     """The first connection is reset after 100 KB towards the client, inside the second 64 KB
     chunk of the ~107 KB model. The client keeps the whole chunk it has, reconnects and fetches
     only the rest."""
-    shards = _shards(mnist_dir, tmp_path, 1)
-    with LocalFederation(_fixed_fp32(tmp_path, mnist_dir), shards, tmp_path, client_log_level="INFO") as fed:
-        port = fed.start_coordinator()
-        with TcpProxy(("127.0.0.1", port), cut=Cut("down", 100_000)) as proxy:
-            fed.per_client_address[0] = proxy.address
-            rows = _run(fed)
-    assert proxy.cuts_done == 1 and proxy.connections >= 2
-    assert [r.completed for r in rows] == [1, 1]
-    log = (tmp_path / f"{shards[0].stem}.log").read_text()
+    rows, proxy, log = _one_client_behind(Cut("down", 100_000), mnist_dir, tmp_path)
     assert "resuming" in log, log[-2000:]
     model_bytes = rows[1].clients[0].bytes_down  # an uncut round: model plus task
     # Resumed: two models plus the ~36 KB of the chunk that was cut. Restarted from byte 0 it
@@ -111,15 +114,7 @@ def test_upload_cut_mid_stream_is_retried_and_counted_once(mnist_dir: Path, tmp_
     """The first connection is reset after 60 KB towards the coordinator, in the middle of the
     ~107 KB upload. The client retries with the same idempotency key; the coordinator counts
     one update and one upload's bytes."""
-    shards = _shards(mnist_dir, tmp_path, 1)
-    with LocalFederation(_fixed_fp32(tmp_path, mnist_dir), shards, tmp_path, client_log_level="INFO") as fed:
-        port = fed.start_coordinator()
-        with TcpProxy(("127.0.0.1", port), cut=Cut("up", 60_000)) as proxy:
-            fed.per_client_address[0] = proxy.address
-            rows = _run(fed)
-    assert proxy.cuts_done == 1
-    assert [r.completed for r in rows] == [1, 1]
-    log = (tmp_path / f"{shards[0].stem}.log").read_text()
+    rows, proxy, log = _one_client_behind(Cut("up", 60_000), mnist_dir, tmp_path)
     assert "UploadUpdate" in log and "retrying" in log, log[-2000:]
     cut_round, clean_round = rows[0].clients[0], rows[1].clients[0]
     assert cut_round.outcome == "completed"

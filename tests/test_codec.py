@@ -117,7 +117,8 @@ def test_integer_buffers_exact_and_raw_under_every_spec(spec_name, dtype):
     x.flat[0], x.flat[1] = info.min, info.max
     t = encode_array("buf", x, spec)
     assert t.encoding == tensor_pb2.ENCODING_RAW
-    assert t.compression == spec.compression
+    # Random integers do not compress: +zstd is dropped for this tensor rather than making it bigger.
+    assert t.compression == tensor_pb2.COMPRESSION_NONE
     assert not t.scales and not t.zero_points
     y = decode_array(t)
     assert y.dtype == dtype
@@ -423,3 +424,13 @@ def test_codec_does_not_import_torch():
 
     code = "import sys, export.codec; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_zstd_is_kept_only_where_it_makes_a_tensor_smaller():
+    spec = EncodingSpec.parse("int8+zstd")
+    noisy = encode_array("noisy", _rng(3).standard_normal((16, 16)).astype(np.float32), spec)
+    smooth = encode_array("smooth", np.zeros((64, 64), np.float32), spec)
+    assert noisy.compression == tensor_pb2.COMPRESSION_NONE and len(noisy.data) == 256
+    assert smooth.compression == tensor_pb2.COMPRESSION_ZSTD and len(smooth.data) < 64 * 64
+    for t in (noisy, smooth):
+        assert decode_array(t).shape == tuple(t.shape)

@@ -159,6 +159,19 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sha256" in msg
     code, msg = _code(lambda: bad.upload(task, b"\xff\x00garbage", "k7"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # A difference against a model this round never sent; a top-k tensor whose bitmap lies;
+    # download timings that cannot be true.
+    zero_delta = {k: np.zeros_like(v) for k, v in good.items()}
+    stranger = bundle_to_bytes(encode_state(zero_delta, EncodingSpec.parse("topk10+zstd"), "e" * 64))
+    code, msg = _code(lambda: bad.upload(task, stranger, "k7b"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not round 0's global model" in msg
+    lying = encode_state(zero_delta, EncodingSpec.parse("topk10"), task.global_model.artifact_id)
+    lying.tensors[0].data = b"\xff" * len(lying.tensors[0].data)
+    code, msg = _code(lambda: bad.upload(task, bundle_to_bytes(lying), "k7c"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and f"tensor {lying.tensors[0].name!r}: top-k" in msg
+    timing = fleet_pb2.TransferTiming(artifact_id="x", wire_bytes=10, seconds=1.0, first_chunk_seconds=2.0)
+    code, msg = _code(lambda: bad.upload(task, payload(good), "k7d", downloads=[timing]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "first_chunk_seconds <= seconds" in msg
     # Stale / future round and someone else's task: FAILED_PRECONDITION.
     code, msg = _code(lambda: bad.upload(task, payload(good), "k8", round=task.round + 5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 5" in msg
