@@ -11,6 +11,7 @@ import math
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,17 @@ def _summary(rows: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
         "bytes_up_total": sum(r["bytes_up"] for r in rows),
         "mean_round_seconds": sum(r["round_seconds"] for r in rows) / len(rows) if rows else None,
         "wall_seconds": round(elapsed, 1),
+        "encodings": _encodings(rows),
     }
+
+
+def _encodings(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many client-rounds travelled in each 'model / generator / upload' combination."""
+    combos = Counter(
+        " / ".join(c.get(k) or "-" for k in ("model_encoding", "generator_encoding", "upload_encoding"))
+        for r in rows for c in r["clients"] if c["outcome"] == "completed"
+    )
+    return dict(combos.most_common())
 
 
 def _print_summary(console: Console, rows: list[dict[str, Any]], elapsed: float, exit_codes: list[int | None]) -> None:
@@ -182,6 +193,9 @@ def _print_summary(console: Console, rows: list[dict[str, Any]], elapsed: float,
     if client_rounds:
         table.add_row("bytes down per client per round", _fmt_bytes(s["bytes_down_total"] / client_rounds))
         table.add_row("bytes up per client per round", _fmt_bytes(s["bytes_up_total"] / client_rounds))
+    for i, (combo, n) in enumerate(s["encodings"].items()):
+        if i < 3:
+            table.add_row("encodings (model / generator / upload)" if i == 0 else "", f"{combo}: {n} client-rounds")
     table.add_row("mean seconds per round", "—" if s["mean_round_seconds"] is None else f"{s['mean_round_seconds']:.2f}")
     table.add_row("wall time", f"{elapsed:.1f} s")
     table.add_row("client exit codes", " ".join(str(c) for c in exit_codes))

@@ -147,6 +147,7 @@ class OpenRound:
     # The round's artifacts in every encoding, and each client's encodings (fixed at its first poll).
     variants: RoundVariants = field(default_factory=RoundVariants)
     plans: dict[str, ClientPlan] = field(default_factory=dict)
+    encode_seconds: float = 0.0  # making those encodings, before the round opened
     closed: bool = False
     # Held from an upload's last check to its entry in `accepted`, and by the engine to close the
     # round: an update is either counted or refused, never acknowledged and then left out.
@@ -614,13 +615,16 @@ class Federation:
         for artifact in await asyncio.to_thread(self.strategy.round_artifacts, round_):
             digest = await asyncio.to_thread(self.store.blobs.put, artifact.data)
             artifacts.append({"kind": artifact.kind, "sha256": digest, "size": len(artifact.data)})
+        t0 = time.monotonic()
         variants = await asyncio.to_thread(self._prepare_variants, self.global_model_sha, artifacts)
+        encode_s = time.monotonic() - t0
         opened = _now_ms()
         deadline = opened + int(fed.round_timeout_s * 1000)
         stored = StoredRound(round_, attempt, "open", cohort, self.global_model_sha, opened, deadline, artifacts)
         await asyncio.to_thread(self.store.open_round, stored)
         self._round = OpenRound(round_, attempt, cohort, self.global_model_sha, opened, deadline,
-                                self.strategy.configure_round(round_), artifacts, skipped=skipped, variants=variants)
+                                self.strategy.configure_round(round_), artifacts, skipped=skipped, variants=variants,
+                                encode_seconds=encode_s)
         _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
         self._emit(Event("opened", round_, cohort_size=len(cohort)))
         self._wake_polls(cohort)
@@ -716,6 +720,7 @@ class Federation:
             })
         committed = _now_ms()
         extras = dict(extras)
+        extras["encode_artifacts_seconds"] = round(r.encode_seconds, 4)
         # Federated evaluation (the paper's metric): the round's incoming global model on the
         # cohort's own label-restricted local test splits, as the clients measured it.
         local = [(c["metrics"]["local_test_correct"], c["metrics"]["local_test_total"]) for c in clients
