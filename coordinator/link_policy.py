@@ -127,7 +127,8 @@ class DownloadTiming:
 class LinkEstimator:
     """EWMAs of each client's measured throughput per direction and of its per-transfer latency.
 
-    Throughput is seeded by the client's declared profile. A download's chunks after the first
+    Throughput is seeded by the client's declared profile; the first measurement replaces the
+    declaration, later ones are averaged in. A download's chunks after the first
     measure the rate; the first chunk, less its own transmission time, measures the latency
     (request round trip) that every transfer pays whatever its size.
     """
@@ -138,6 +139,7 @@ class LinkEstimator:
     _down: dict[str, float] = field(default_factory=dict)
     _up: dict[str, float] = field(default_factory=dict)
     _latency: dict[str, float] = field(default_factory=dict)
+    _measured: set[tuple[str, str]] = field(default_factory=set)  # (client, "down" | "up") seen on the wire
 
     def seed(self, client_id: str, down_bps: float, up_bps: float) -> None:
         """The device's own claim, used until a transfer has been measured."""
@@ -151,7 +153,11 @@ class LinkEstimator:
         if wire_bytes < MIN_OBSERVED_BYTES or not (seconds > 0) or seconds != seconds:
             return None
         bps = 8.0 * wire_bytes / seconds
-        self._fold(self._down if direction == "down" else self._up, client_id, bps)
+        table = self._down if direction == "down" else self._up
+        if (client_id, direction) not in self._measured:  # a measurement beats a declaration
+            self._measured.add((client_id, direction))
+            table.pop(client_id, None)
+        self._fold(table, client_id, bps)
         return bps
 
     def observe_download(self, client_id: str, t: DownloadTiming) -> None:

@@ -58,7 +58,9 @@ def test_estimator_is_seeded_by_the_profile_then_follows_measurements() -> None:
     est.seed("a", 1e6, 0)
     assert est.link("a").down_bps == 1e6 and est.link("a").up_bps == 20e6
     assert est.observe("a", "down", 100_000, 0.4) == pytest.approx(2e6)
-    assert est.link("a").down_bps == pytest.approx(1.5e6)
+    assert est.link("a").down_bps == pytest.approx(2e6)  # the first measurement replaces the claim
+    est.observe("a", "down", 100_000, 0.8)
+    assert est.link("a").down_bps == pytest.approx(1.5e6)  # later ones are averaged in
     est.seed("a", 9e6, 9e6)  # a re-join does not overwrite what was learned
     assert est.link("a").down_bps == pytest.approx(1.5e6)
 

@@ -119,3 +119,51 @@ def test_error_feedback_eventually_sends_a_small_persistent_direction() -> None:
     for _ in range(200):
         got += decode_state(ef.encode({"w": delta}, spec, BASE))["w"]
     assert got[50] > 0.5  # 200 rounds x 0.01 = 2.0 meant; most of it has arrived
+
+
+@settings(max_examples=200, deadline=None)
+@given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=3), data=st.binary(max_size=64),
+       scale=st.floats(allow_nan=True, allow_infinity=True), zero=st.floats(allow_nan=True, allow_infinity=True),
+       compressed=st.booleans())
+def test_hostile_topk_tensors_decode_or_raise_codec_error(shape: list[int], data: bytes, scale: float, zero: float,
+                                                          compressed: bool) -> None:
+    """Whatever a sender puts in a top-k tensor, the decoder answers a CodecError or an array of the
+    declared shape (values that overflow float32 are the update validator's to refuse, as for int8)."""
+    t = tensor_pb2.Tensor(name="w", shape=shape, dtype=tensor_pb2.DTYPE_FLOAT32, encoding=tensor_pb2.ENCODING_TOPK_INT8,
+                          compression=tensor_pb2.COMPRESSION_ZSTD if compressed else tensor_pb2.COMPRESSION_NONE,
+                          data=data, scales=[scale], zero_points=[zero])
+    try:
+        out = decode_array(t)
+    except CodecError:
+        return
+    assert out.shape == tuple(shape) and out.dtype == np.float32
+
+
+def _task(upload_encoding: str) -> "fleet_pb2.TrainTask":
+    from fedgen.v1 import fleet_pb2
+
+    return fleet_pb2.TrainTask(round=3, config=fleet_pb2.TrainConfig(upload_encoding=upload_encoding),
+                               global_model=fleet_pb2.ArtifactRef(artifact_id=BASE))
+
+
+def test_the_client_encodes_its_update_as_asked_and_falls_back_to_fp32() -> None:
+    from edge_client.runner import _encode_update
+
+    rng = np.random.default_rng(4)
+    received = {"w": rng.standard_normal((16, 8)).astype(np.float32), "bn.running_var": np.ones(8, np.float32),
+                "bn.num_batches_tracked": np.array(5, np.int64)}
+    trained = {"w": received["w"] + 0.01, "bn.running_var": np.full(8, 1.5, np.float32),
+               "bn.num_batches_tracked": np.array(25, np.int64)}
+    buffers = frozenset({"bn.running_var", "bn.num_batches_tracked"})
+    for name in ("", "fp32", "no-such-encoding"):  # fp32: the whole state, exact
+        bundle = bundle_from_bytes(_encode_update(trained, received, _task(name), ErrorFeedback(), buffers))
+        assert bundle.base_sha256 == ""
+        assert all(np.array_equal(v, trained[k]) for k, v in decode_state(bundle).items())
+    feedback = ErrorFeedback()
+    bundle = bundle_from_bytes(_encode_update(trained, received, _task("topk10+zstd"), feedback, buffers))
+    assert bundle.base_sha256 == BASE
+    rebuilt = apply_delta(received, decode_state(bundle))
+    # BatchNorm statistics exact and outside the error feedback; the weights sparse, the rest held back.
+    np.testing.assert_allclose(rebuilt["bn.running_var"], trained["bn.running_var"])
+    assert rebuilt["bn.num_batches_tracked"] == 25
+    assert set(feedback.residual) == {"w"} and np.abs(feedback.residual["w"]).max() > 0
