@@ -159,6 +159,8 @@ class BandwidthConfig(_Section):
     policy: Literal["fixed", "adaptive"] = "adaptive"
     # Seconds one client may spend moving the round's artifacts and its update (0 = no budget).
     transfer_budget_s: float = Field(30.0, ge=0)
+    # Plans must fit this share of the budget: link estimates are noisy, the budget is a promise.
+    budget_headroom: float = Field(0.9, gt=0, le=1)
     model_encoding: str = "fp32"
     generator_encoding: str = "fp32"
     upload_encoding: str = "fp32"

@@ -19,8 +19,9 @@ Direction = Literal["down", "up"]
 DEFAULT_ASSUMED_BPS = 20e6
 #: Per-transfer latency assumed until one has been measured.
 DEFAULT_ASSUMED_LATENCY_S = 0.05
-#: Transfers smaller than this teach the rate estimate nothing (latency dominates them).
-MIN_OBSERVED_BYTES = 4096
+#: Transfers smaller than this teach the rate estimate nothing: latency and buffering dominate
+#: them (a 6 KB upload can reach the coordinator in one burst faster than the link's rate).
+MIN_OBSERVED_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)

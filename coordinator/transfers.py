@@ -14,8 +14,8 @@ from typing import Any, Iterable
 from coordinator.config import BandwidthConfig
 from coordinator.link_policy import DownloadTiming, EncodingPlan, LinkEstimator, Rung, Transfer, choose_encodings
 from coordinator.store import BlobStore
-from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state, \
-    estimate_encoded_bytes
+from export.codec import (EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state,
+                          estimate_encoded_bytes)
 from fedcore.transport import wire_bytes
 
 _LOGGER = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class TransferPlanner:
                                       tuple(Rung(v.name, v.size) for v in variants.generator.values())))
         uploads = self._names(self.config.upload_ladder, self.config.upload_encoding)
         transfers.append(Transfer(UPLOAD, "up", tuple(Rung(n, self._upload_size(n)) for n in uploads)))
-        budget = self.config.transfer_budget_s if self.adaptive else 0.0
+        budget = self.config.transfer_budget_s * self.config.budget_headroom if self.adaptive else 0.0
         chosen: EncodingPlan = choose_encodings(transfers, link, budget)
         if not chosen.fits:
             _LOGGER.warning("%s: even the most compact encodings need %.1fs, over the %.1fs budget",
