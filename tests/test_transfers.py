@@ -71,3 +71,55 @@ def test_int4_rung_is_skipped_with_a_warning_where_the_quantiser_is_missing(
     assert "int4+zstd" not in variants.generator and "int8+zstd" in variants.generator
     assert "onnx-ir is not installed" in caplog.text
     store.close()
+
+
+def test_a_delta_upload_is_added_to_the_full_precision_model(tmp_path: Path) -> None:
+    """A client trained from the int8 copy it downloaded and uploads (trained - copy) as an int8
+    delta: the coordinator must store full-precision model + that delta, within one int8 step."""
+    import asyncio
+    import hashlib
+
+    from coordinator.federation import UploadHeader
+    from coordinator.server import build_federation
+    from export.codec import ErrorFeedback, state_delta
+
+    config = parse_config({
+        "state_dir": str(tmp_path / "state"),
+        "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 1, "min_clients": 1},
+        "auth": {"enrollment_tokens": ["delta-test-token"]},
+        "bandwidth": {"policy": "fixed", "model_encoding": "int8+zstd", "upload_encoding": "int8+zstd"},
+    })
+
+    async def scenario() -> tuple[dict, dict, dict, dict]:
+        fed = build_federation(config)
+        client_id, _ = await fed.join("delta-test-token", {}, "dev-1")
+        await fed._open_round([client_id])
+        task = fed._assignment_for(client_id)
+        assert task.model_encoding == "int8+zstd" and task.upload_encoding == "int8+zstd"
+        received = decode_state(bundle_from_bytes(fed.store.blobs.get(task.model_sha256)))
+        rng = np.random.default_rng(0)
+        trained = {k: (v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) if v.dtype.kind == "f" else v + 3)
+                   for k, v in received.items()}
+        payload = bundle_to_bytes(ErrorFeedback().encode(state_delta(trained, received),
+                                                         EncodingSpec.parse("int8+zstd"), task.model_sha256))
+        header = UploadHeader(round=0, task_id=task.task_id, idempotency_key="dev-1:k", num_examples=100,
+                              label_counts=(10,) * 10, payload_bytes=len(payload),
+                              payload_sha256=hashlib.sha256(payload).hexdigest(), metrics={"loss": 1.0},
+                              train_seconds=0.1)
+        await fed.accept_upload(client_id, header, payload, len(payload))
+        stored = decode_state(bundle_from_bytes(fed.store.blobs.get(fed._round.accepted[client_id].payload_sha256)))
+        full = fed.load_state(fed._round.model_sha256)
+        fed.store.close()
+        return received, trained, stored, full
+
+    received, trained, stored, full = asyncio.run(scenario())
+    for key, value in stored.items():
+        expected = full[key] + (trained[key] - received[key])
+        assert value.dtype == full[key].dtype and value.shape == full[key].shape
+        if value.dtype.kind == "f":
+            step = float(np.abs(trained[key] - received[key]).max()) / 127  # one int8 step of the delta
+            assert float(np.abs(value - expected).max()) <= step + 1e-6, key
+        else:
+            assert np.array_equal(value, expected), key
+    # The coordinator rebuilt from its own fp32 model, not from the client's int8 copy.
+    assert any(float(np.abs(full[k] - received[k]).max()) > 0 for k in full if full[k].dtype.kind == "f")
