@@ -344,8 +344,9 @@ class ArtifactRef(_message.Message):
     """
     encoding_name: _builtins.str
     """The encoding the coordinator chose for this client and this artifact, as a
-    name: "fp32", "fp16+zstd", "int8+zstd" (models); "fp32+zstd",
-    "int8+zstd", "int4+zstd" (generators, weight-only quantised ONNX).
+    name: "fp32", "fp32+zstd", "fp16+zstd", "int8+zstd" (models: a TensorBundle
+    whose tensors say their own encoding); "fp32", "fp16", "int8", "int4", each
+    optionally "+zstd" (generators: ONNX with weight-only quantisation).
     """
     def __init__(
         self,
