@@ -57,6 +57,7 @@ RUNS: dict[str, tuple[str, str, str]] = {
     "fp32": ("fp32", "fp32", "fp32"),
     "down-fp16": ("fp16+zstd", "fp32", "fp32"),
     "down-int8": ("int8+zstd", "fp32", "fp32"),
+    "down-delta": ("delta-int8+zstd", "fp32", "fp32"),
     "gen-fp16": ("fp32", "fp16+zstd", "fp32"),
     "gen-int8": ("fp32", "int8+zstd", "fp32"),
     "gen-int4": ("fp32", "int4+zstd", "fp32"),
@@ -197,6 +198,11 @@ def encoding_sizes(run: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"artifact": "model", "direction": "down", "encoding": name, "artifact_bytes": len(data),
                     "artifact_ratio": len(data) / fp32_model,
                     "max_abs_error": _float_error(decode_state(bundle_from_bytes(data)), final)})
+    # The final model as a difference against the previous round's, which the client holds.
+    data = bundle_to_bytes(encode_state(state_delta(final, base), EncodingSpec.parse("int8+zstd"), base_sha))
+    out.append({"artifact": "model", "direction": "down", "encoding": "delta-int8+zstd", "artifact_bytes": len(data),
+                "artifact_ratio": len(data) / fp32_model,
+                "max_abs_error": _float_error(apply_delta(base, decode_state(bundle_from_bytes(data))), final)})
 
     delta = state_delta(update, base)
     fp32_update = len(bundle_to_bytes(encode_state(update, EncodingSpec())))

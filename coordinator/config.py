@@ -131,13 +131,15 @@ _SHA256_HEX = r"^[0-9a-f]{64}$"
 _GENERATOR_BASES = ("fp32", "fp16", "int8", "int4")
 
 
-def _check_tensor_encoding(name: str, allow_topk: bool) -> str:
+def _check_tensor_encoding(name: str, allow_topk: bool, allow_delta: bool = False) -> str:
     from export.codec import EncodingSpec
 
-    spec = EncodingSpec.parse(name)  # ValueError names the valid forms
+    text = str(name).strip().lower()
+    delta = allow_delta and text.startswith("delta-")
+    spec = EncodingSpec.parse(text.removeprefix("delta-") if delta else text)  # ValueError names the valid forms
     if spec.sparse and not allow_topk:
         raise ValueError(f"{name!r}: top-k is for uploads (deltas), not for the global model")
-    return spec.name
+    return ("delta-" if delta else "") + spec.name
 
 
 def _check_generator_encoding(name: str) -> str:
@@ -165,7 +167,11 @@ class BandwidthConfig(_Section):
     generator_encoding: str = "fp32"
     upload_encoding: str = "fp32"
     # Most faithful first. Uploads other than fp32 are differences against the downloaded model.
-    model_ladder: list[str] = Field(default_factory=lambda: ["fp32+zstd", "fp16+zstd", "int8+zstd"], min_length=1)
+    # "delta-<encoding>": the difference against a model the client holds (only offered when it
+    # holds one the coordinator can rebuild; otherwise that rung is skipped, or for the fixed
+    # policy the plain <encoding> is sent).
+    model_ladder: list[str] = Field(
+        default_factory=lambda: ["fp32+zstd", "fp16+zstd", "delta-int8+zstd", "int8+zstd"], min_length=1)
     generator_ladder: list[str] = Field(
         default_factory=lambda: ["fp32+zstd", "fp16+zstd", "int8+zstd", "int4+zstd"], min_length=1)
     upload_ladder: list[str] = Field(
@@ -178,7 +184,7 @@ class BandwidthConfig(_Section):
     @field_validator("model_encoding")
     @classmethod
     def _model(cls, v: str) -> str:
-        return _check_tensor_encoding(v, allow_topk=False)
+        return _check_tensor_encoding(v, allow_topk=False, allow_delta=True)
 
     @field_validator("upload_encoding")
     @classmethod
@@ -193,7 +199,7 @@ class BandwidthConfig(_Section):
     @field_validator("model_ladder")
     @classmethod
     def _model_ladder(cls, v: list[str]) -> list[str]:
-        return [_check_tensor_encoding(x, allow_topk=False) for x in v]
+        return [_check_tensor_encoding(x, allow_topk=False, allow_delta=True) for x in v]
 
     @field_validator("upload_ladder")
     @classmethod

@@ -32,3 +32,7 @@ class OutOfRange(FederationError):
 
 class ResourceExhausted(FederationError):
     pass
+
+
+class Unavailable(FederationError):
+    """Transient: the coordinator cannot answer yet (e.g. it is recovering its state); retry."""

@@ -62,6 +62,8 @@ class ClientRecord:
     not_ready: str | None = None
     # Kinds of task the client turned down for memory: task kind -> reason.
     declined_kinds: dict[str, str] = field(default_factory=dict)
+    # Global-model artifacts the client says it holds decoded, newest first (PollTaskRequest).
+    held_models: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,8 @@ class Federation:
 
     async def decline(self, client_id: str, round_: int, task_id: str, kind: str, detail: str) -> None:
         """A sampled client turns its task down; for memory, it is not sampled for this kind of task again."""
+        if self.recovering:
+            raise errors.Unavailable("the coordinator is recovering its state after a restart; retry shortly")
         r = self._round
         if r is None or r.closed or r.round != round_ or r.cohort.get(client_id) != task_id:
             raise errors.FailedPrecondition(f"task {task_id!r} of round {round_} is not open for {client_id}")
@@ -339,8 +343,14 @@ class Federation:
         return ttl_s > 0 and _now_ms() - record.issued_ms > ttl_s * 1000
 
     # ------------------------------------------------------------------ tasks
-    async def poll(self, client_id: str, max_wait_s: float) -> Assignment:
-        """Long poll: a task as soon as there is one for this client, WAIT after max_wait_s."""
+    async def poll(self, client_id: str, max_wait_s: float, held_models: Iterable[str] = ()) -> Assignment:
+        """Long poll: a task as soon as there is one for this client, WAIT after max_wait_s.
+
+        ``held_models``: global-model artifacts the client holds decoded (at most 4 are kept)."""
+        held = [h.lower() for h in held_models][:4]
+        if any(len(h) != 64 or any(c not in "0123456789abcdef" for c in h) for h in held):
+            raise errors.InvalidArgument("held_models must be sha256 artifact ids (64 hex digits)")
+        self._clients[client_id].held_models = held
         loop = asyncio.get_running_loop()
         until = loop.time() + max_wait_s
         self._polling[client_id] += 1
@@ -388,7 +398,8 @@ class Federation:
             return None
         plan = r.plans.get(client_id)
         if plan is None:
-            plan = r.plans[client_id] = self.transfers.plan(client_id, r.variants)
+            plan = r.plans[client_id] = self.transfers.plan(client_id, r.variants,
+                                                            self._clients[client_id].held_models)
         extra = tuple(
             {"kind": a["kind"], "sha256": plan.generator.sha256, "size": plan.generator.size,
              "encoding_name": plan.generator.name}
@@ -441,6 +452,7 @@ class Federation:
             ids.add(r.model_sha256)
             ids.update(a["sha256"] for a in r.artifacts)
             ids.update(r.variants.digests())
+            ids.update(p.model.sha256 for p in r.plans.values())  # per-client deltas
         return ids
 
     def artifact_bytes(self, artifact_id: str) -> bytes:
@@ -453,6 +465,8 @@ class Federation:
         """Cheap checks before the payload is read; returns an ack for a duplicate."""
         if not header.idempotency_key or len(header.idempotency_key) > 128:
             raise errors.InvalidArgument("idempotency_key must be 1-128 characters")
+        if self.recovering:  # the open round is not back yet: a retry in a moment will find it
+            raise errors.Unavailable("the coordinator is recovering its state after a restart; retry shortly")
         previous = self.store.find_update(header.idempotency_key)
         if previous is not None:
             if previous.client_id != client_id:
@@ -543,7 +557,8 @@ class Federation:
             bundle = bundle_from_bytes(payload)
             state = decode_state(bundle)
             if bundle.base_sha256:
-                bases = {r.model_sha256} | {v.sha256 for v in r.variants.model.values()}
+                bases = ({r.model_sha256} | {v.sha256 for v in r.variants.model.values()}
+                         | {p.model.sha256 for p in r.plans.values()})
                 if bundle.base_sha256 not in bases:
                     raise UpdateRejected(f"update is a difference against {bundle.base_sha256[:16]!r}, which is "
                                          f"not round {r.round}'s global model")

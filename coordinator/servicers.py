@@ -28,6 +28,7 @@ _STATUS = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,7 +109,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         client_id = self._client(context)
         await self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
         wait_s = min(request.max_wait_ms / 1000, self.max_poll_wait_s)
-        task = wire.assignment_to_proto(await self.fed.poll(client_id, wait_s))
+        task = wire.assignment_to_proto(await self.fed.poll(client_id, wait_s, request.held_models))
         if task.HasField("train"):
             self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
             self.fed.record_download(client_id, wire_bytes(task.ByteSize()))

@@ -14,13 +14,16 @@ from typing import Any, Iterable
 from coordinator.config import BandwidthConfig
 from coordinator.link_policy import DownloadTiming, EncodingPlan, LinkEstimator, Rung, Transfer, choose_encodings
 from coordinator.store import BlobStore
-from export.codec import (EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state,
-                          estimate_encoded_bytes)
+from export.codec import (EncodingSpec, apply_delta, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state,
+                          estimate_encoded_bytes, state_delta)
 from fedcore.transport import wire_bytes
 
 _LOGGER = logging.getLogger(__name__)
 
 MODEL, GENERATOR, UPLOAD = "model", "generator", "upload"
+DELTA = "delta-"
+#: Model artifacts whose decoded state the planner remembers (for deltas against them).
+MATERIALIZED_KEEP = 4096
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class RoundVariants:
 
     model: dict[str, Variant] = field(default_factory=dict)
     generator: dict[str, Variant] = field(default_factory=dict)
+    model_sha: str = ""  # the round's model (fp32), which deltas are made from
 
     def digests(self) -> set[str]:
         return {v.sha256 for v in [*self.model.values(), *self.generator.values()]}
@@ -69,7 +73,9 @@ class TransferPlanner:
         self.shapes = tensor_shapes
         self.estimator = LinkEstimator(weight=config.ewma_weight, assumed_bps=config.assumed_link_mbps * 1e6)
         self._upload_sizes: dict[str, int] = {}  # last measured wire size of an upload per encoding
-        self._cache: dict[tuple[str, str], Variant] = {}
+        self._cache: dict[tuple[str, ...], Variant] = {}
+        # Model artifact id -> blob of the fp32 state a client holds once it has decoded it.
+        self._materialized: dict[str, str] = {}
 
     @property
     def adaptive(self) -> bool:
@@ -79,15 +85,40 @@ class TransferPlanner:
         return list(ladder) if self.adaptive else [fixed]
 
     # ----------------------------------------------------------- variants
+    def _remember(self, artifact_id: str, state: dict[str, Any]) -> None:
+        """What a client holds after decoding `artifact_id`, for differences against it later."""
+        self._materialized[artifact_id] = self.blobs.put(bundle_to_bytes(encode_state(state, EncodingSpec())))
+        while len(self._materialized) > MATERIALIZED_KEEP:
+            self._materialized.pop(next(iter(self._materialized)))
+
     def _model_variant(self, model_sha: str, name: str) -> Variant:
         key = (model_sha, name)
         if key not in self._cache:
             if name == "fp32":  # the stored model is already this encoding
                 data = self.blobs.get(model_sha)
+                self._materialized[model_sha] = model_sha
             else:
                 state = decode_state(bundle_from_bytes(self.blobs.get(model_sha)))
                 data = bundle_to_bytes(encode_state(state, EncodingSpec.parse(name)))
             self._cache[key] = Variant(name, self.blobs.put(data), len(data))
+            if name != "fp32":
+                self._remember(self._cache[key].sha256, decode_state(bundle_from_bytes(data)))
+        return self._cache[key]
+
+    def delta_variant(self, model_sha: str, held: list[str], name: str) -> Variant | None:
+        """The round's model as ``name`` ("delta-int8+zstd", ...): its difference against the
+        first model in ``held`` whose decoded state is known here; None when there is none."""
+        base_id = next((h for h in held if h in self._materialized), None)
+        if base_id is None:
+            return None
+        key = (model_sha, base_id, name)
+        if key not in self._cache:
+            base = decode_state(bundle_from_bytes(self.blobs.get(self._materialized[base_id])))
+            target = decode_state(bundle_from_bytes(self.blobs.get(model_sha)))
+            data = bundle_to_bytes(encode_state(state_delta(target, base), EncodingSpec.parse(name[len(DELTA):]),
+                                                base_sha256=base_id))
+            self._cache[key] = Variant(name, self.blobs.put(data), len(data))
+            self._remember(self._cache[key].sha256, apply_delta(base, decode_state(bundle_from_bytes(data))))
         return self._cache[key]
 
     def _generator_variant(self, onnx_sha: str, name: str) -> Variant:
@@ -106,9 +137,11 @@ class TransferPlanner:
         """Every encoding the policy may pick this round (blocking: run it in a worker thread)."""
         from export.generator_artifacts import int4_available
 
-        variants = RoundVariants()
+        variants = RoundVariants(model_sha=model_sha)
         for name in self._names(self.config.model_ladder, self.config.model_encoding):
-            variants.model[name] = self._model_variant(model_sha, name)
+            # A delta is made per client when it polls; its plain encoding is the fallback.
+            plain = name.removeprefix(DELTA)
+            variants.model[plain] = self._model_variant(model_sha, plain)
         if generator_sha is not None:
             for name in self._names(self.config.generator_ladder, self.config.generator_encoding):
                 if name.startswith("int4") and not int4_available():
@@ -118,15 +151,30 @@ class TransferPlanner:
         self._cache = {k: v for k, v in self._cache.items() if k[0] in (model_sha, generator_sha)}
         return variants
 
+    def _model_rungs(self, client_id: str, variants: RoundVariants, held: list[str]) -> list[Variant]:
+        rungs = []
+        for name in self._names(self.config.model_ladder, self.config.model_encoding):
+            if name.startswith(DELTA):
+                delta = self.delta_variant(variants.model_sha, held, name) if held else None
+                if delta is not None:
+                    rungs.append(delta)
+                elif not self.adaptive:  # fixed policy: the plain encoding when nothing is held
+                    rungs.append(variants.model[name[len(DELTA):]])
+            else:
+                rungs.append(variants.model[name])
+        return rungs
+
     # --------------------------------------------------------------- plans
     def _upload_size(self, name: str) -> int:
         if name in self._upload_sizes:
             return self._upload_sizes[name]
         return wire_bytes(estimate_encoded_bytes(self.shapes, EncodingSpec.parse(name)))
 
-    def plan(self, client_id: str, variants: RoundVariants) -> ClientPlan:
+    def plan(self, client_id: str, variants: RoundVariants, held: list[str] | None = None) -> ClientPlan:
+        """The client's encodings for this round; ``held``: the models it says it holds decoded."""
         link = self.estimator.link(client_id)
-        transfers = [Transfer(MODEL, "down", tuple(Rung(v.name, v.size) for v in variants.model.values()))]
+        models = {v.name: v for v in self._model_rungs(client_id, variants, held or [])}
+        transfers = [Transfer(MODEL, "down", tuple(Rung(v.name, v.size) for v in models.values()))]
         if variants.generator:
             transfers.append(Transfer(GENERATOR, "down",
                                       tuple(Rung(v.name, v.size) for v in variants.generator.values())))
@@ -138,7 +186,7 @@ class TransferPlanner:
             _LOGGER.warning("%s: even the most compact encodings need %.1fs, over the %.1fs budget",
                             client_id, chosen.expected_s, budget)
         return ClientPlan(
-            model=variants.model[chosen.choices[MODEL]],
+            model=models[chosen.choices[MODEL]],
             generator=variants.generator[chosen.choices[GENERATOR]] if variants.generator else None,
             upload_encoding=chosen.choices[UPLOAD],
             estimated_down_bps=link.down_bps, estimated_up_bps=link.up_bps, expected_s=chosen.expected_s,

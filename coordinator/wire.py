@@ -60,7 +60,7 @@ def assignment_to_proto(a: Assignment) -> fleet_pb2.Task:
             ),
             global_model=fleet_pb2.ArtifactRef(
                 artifact_id=a.model_sha256, size_bytes=a.model_size,
-                kind=fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL, encoding=_TENSOR_ENCODINGS[a.model_encoding.split("+")[0]],
+                kind=fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL, encoding=_TENSOR_ENCODINGS[a.model_encoding.removeprefix("delta-").split("+")[0]],
                 encoding_name=a.model_encoding,
             ),
             label_space=list(a.label_space),

@@ -133,8 +133,9 @@ class FleetConnection:
         _LOGGER.info("joined federation %s as %s", response.federation_id, response.client_id)
         return response.client_id
 
-    def poll(self, max_wait_s: float = 15.0) -> fleet_pb2.Task:
-        request = fleet_pb2.PollTaskRequest(max_wait_ms=int(max_wait_s * 1000), state=self._state())
+    def poll(self, max_wait_s: float = 15.0, held_models: list[str] | None = None) -> fleet_pb2.Task:
+        request = fleet_pb2.PollTaskRequest(max_wait_ms=int(max_wait_s * 1000), state=self._state(),
+                                            held_models=held_models or [])
         try:
             task = self._with_retry("PollTask", lambda: self._stub.PollTask(
                 request, timeout=max_wait_s + self.call_timeout_s, metadata=self._metadata()

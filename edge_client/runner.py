@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import platform
 import threading
 import time
@@ -22,8 +23,8 @@ from edge_client.conditions import Probe
 from edge_client.connection import FleetCallError, FleetConnection
 from edge_client.generator_runtime import OnnxGenerator
 from edge_client.trainer import LocalTrainer, TrainPlan, warm_up
-from export.codec import (CodecError, EncodingSpec, ErrorFeedback, bundle_from_bytes, bundle_to_bytes, decode_state,
-                          encode_state, sha256_hex, state_delta)
+from export.codec import (CodecError, EncodingSpec, ErrorFeedback, apply_delta, bundle_from_bytes, bundle_to_bytes,
+                          decode_state, encode_state, sha256_hex, state_delta)
 from fedcore.data import load_shard
 from fedcore.transport import client_tls_credentials
 from fedgen.v1 import fleet_pb2, tensor_pb2
@@ -32,6 +33,9 @@ _LOGGER = logging.getLogger(__name__)
 
 #: Cached artifacts kept per client (the current global model plus a few stragglers).
 CACHE_KEEP = 4
+#: Decoded global models kept (and reported in PollTask) as bases for deltas.
+HELD_KEEP = 2
+STATE_SUFFIX = ".state"
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,40 @@ def _prune_cache(cache_dir: Path) -> None:
     files = sorted((p for p in cache_dir.iterdir() if p.is_file() and len(p.name) == 64), key=lambda p: p.stat().st_mtime)
     for old in files[:-CACHE_KEEP]:
         old.unlink(missing_ok=True)
+    for old in _held_states(cache_dir)[HELD_KEEP:]:
+        old.unlink(missing_ok=True)
+
+
+def _held_states(cache_dir: Path) -> list[Path]:
+    """Decoded global models kept for deltas (`<artifact id>.state`, a fp32 bundle), newest first."""
+    if not cache_dir.is_dir():
+        return []
+    return sorted(cache_dir.glob("*" + STATE_SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def held_models(cache_dir: Path) -> list[str]:
+    """What PollTask tells the coordinator this client holds, so it may send a delta."""
+    return [p.name[: -len(STATE_SUFFIX)] for p in _held_states(cache_dir)][:HELD_KEEP]
+
+
+def load_global_model(model_path: Path, artifact_id: str, cache_dir: Path) -> dict[str, np.ndarray]:
+    """The global model from its artifact: whole, or a difference against a model this client
+    holds (``base_sha256``). The decoded state is kept for the next delta."""
+    try:
+        bundle = bundle_from_bytes(model_path.read_bytes())
+        state = decode_state(bundle)
+        if bundle.base_sha256:
+            base = cache_dir / f"{bundle.base_sha256}{STATE_SUFFIX}"
+            if not base.is_file():
+                raise CodecError(f"it is a difference against {bundle.base_sha256[:12]}, which this client "
+                                 "no longer holds")
+            state = apply_delta(decode_state(bundle_from_bytes(base.read_bytes())), state)
+    except CodecError as err:  # the task is declined with this reason (DECLINE_REASON_ARTIFACT)
+        raise FleetCallError(grpc.StatusCode.DATA_LOSS, f"model {artifact_id[:12]}: {err}") from None
+    tmp = cache_dir / f"{artifact_id}{STATE_SUFFIX}.tmp"
+    tmp.write_bytes(bundle_to_bytes(encode_state(state, EncodingSpec())))
+    os.replace(tmp, cache_dir / f"{artifact_id}{STATE_SUFFIX}")
+    return state
 
 
 @dataclass(frozen=True)
@@ -152,7 +190,7 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     try:
         while True:
             try:
-                task = conn.poll(settings.poll_wait_s)
+                task = conn.poll(settings.poll_wait_s, held_models(cache_dir))
                 kind = task.WhichOneof("kind")
                 if kind == "done":
                     _LOGGER.info("coordinator says done: %s", task.done.reason)
@@ -242,10 +280,7 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
     conn.download_log.clear()
     try:
         model_path = _fetch_verified(conn, task.global_model, cache_dir)
-        bundle = bundle_from_bytes(model_path.read_bytes())
-        if bundle.base_sha256:
-            raise FleetCallError(grpc.StatusCode.UNIMPLEMENTED, "global model sent as a difference; not supported")
-        state = decode_state(bundle)
+        state = load_global_model(model_path, task.global_model.artifact_id, cache_dir)
         generator = _generator_for(conn, task, cache_dir, device.threads)
     except FleetCallError as err:
         if err.code != grpc.StatusCode.DATA_LOSS:

@@ -68,7 +68,7 @@ def test_adaptive_policy_gives_a_slow_link_compact_encodings(mnist_dir: Path, tm
         entries = {c.client_id: c for c in row.clients}
         slow_c, fast_c = entries[slow_id], entries[fast_id]
         assert fast_c.model_encoding == "fp32+zstd" and fast_c.upload_encoding == "fp32"
-        assert slow_c.model_encoding in ("fp16+zstd", "int8+zstd")
+        assert slow_c.model_encoding in ("fp16+zstd", "int8+zstd", "delta-int8+zstd")
         assert slow_c.upload_encoding != "fp32"
         assert slow_c.expected_transfer_seconds <= 2.0
         assert slow_c.bytes_down < 0.6 * fast_c.bytes_down
@@ -122,3 +122,20 @@ def test_upload_cut_mid_stream_is_retried_and_counted_once(mnist_dir: Path, tmp_
     # One upload counted, not the lost part plus the retry.
     assert abs(cut_round.bytes_up - clean_round.bytes_up) < 1024, (cut_round.bytes_up, clean_round.bytes_up)
     assert proxy.bytes_up > cut_round.bytes_up + clean_round.bytes_up + 50_000  # the wire did carry it twice
+
+
+def test_the_global_model_travels_as_a_delta_against_the_one_a_client_holds(mnist_dir: Path, tmp_path: Path) -> None:
+    """Round 0 nobody holds a model: int8+zstd. From round 1 each client says which model it holds
+    and gets the difference against it, smaller and closer to the coordinator's fp32 model."""
+    shards = _shards(mnist_dir, tmp_path, 2)
+    config = _config(tmp_path, mnist_dir, "fedavg", rounds=3, clients=2, policy="fixed",
+                     model_encoding="delta-int8+zstd", upload_encoding="int8+zstd")
+    with LocalFederation(config, shards, tmp_path) as fed:
+        fed.start_coordinator()
+        rows = _run(fed)
+    assert [r.completed for r in rows] == [2, 2, 2]
+    assert {c.model_encoding for c in rows[0].clients} == {"int8+zstd"}
+    for row in rows[1:]:
+        assert {c.model_encoding for c in row.clients} == {"delta-int8+zstd"}
+        assert all(c.bytes_down < min(c0.bytes_down for c0 in rows[0].clients) for c in row.clients)
+    assert rows[-1].test_accuracy > 0.2, [r.test_accuracy for r in rows]

@@ -123,3 +123,29 @@ def test_a_delta_upload_is_added_to_the_full_precision_model(tmp_path: Path) -> 
             assert np.array_equal(value, expected), key
     # The coordinator rebuilt from its own fp32 model, not from the client's int8 copy.
     assert any(float(np.abs(full[k] - received[k]).max()) > 0 for k in full if full[k].dtype.kind == "f")
+
+
+def test_a_delta_against_the_held_model_is_offered_and_decodes_to_the_new_model(tmp_path: Path) -> None:
+    planner, store, model, generator = _planner(tmp_path, policy="adaptive", transfer_budget_s=1.0)
+    first = planner.prepare(model, generator)
+    planner.estimator.seed("slow", 0.3e6, 0.3e6)
+    held = planner.plan("slow", first).model  # what the client downloaded in round 0
+    assert held.name == "int8+zstd"  # nothing held yet: no delta rung
+    torch.manual_seed(1)
+    new_state = {k: (v + np.float32(0.01) if v.dtype.kind == "f" else v + 1)
+                 for k, v in decode_state(bundle_from_bytes(store.blobs.get(model))).items()}
+    new_model = store.blobs.put(bundle_to_bytes(encode_state(new_state, EncodingSpec())))
+    second = planner.prepare(new_model, generator)
+    plan = planner.plan("slow", second, held=[held.sha256])
+    assert plan.model.name == "delta-int8+zstd" and plan.model.size < second.model["int8+zstd"].size
+    delta = bundle_from_bytes(store.blobs.get(plan.model.sha256))
+    assert delta.base_sha256 == held.sha256
+    client_copy = decode_state(bundle_from_bytes(store.blobs.get(held.sha256)))
+    rebuilt = {k: client_copy[k] + v for k, v in decode_state(delta).items()}
+    plain = decode_state(bundle_from_bytes(store.blobs.get(second.model["int8+zstd"].sha256)))
+    err_delta = max(float(np.abs(rebuilt[k] - new_state[k]).max()) for k in new_state if new_state[k].dtype.kind == "f")
+    err_plain = max(float(np.abs(plain[k] - new_state[k]).max()) for k in new_state if new_state[k].dtype.kind == "f")
+    assert err_delta < err_plain  # closer to the coordinator's model than a fresh int8 copy
+    # A model the planner cannot rebuild (e.g. from before a restart) gets no delta.
+    assert planner.plan("slow", second, held=["f" * 64]).model.name == "int8+zstd"
+    store.close()

@@ -235,19 +235,28 @@ class PollTaskRequest(_message.Message):
 
     MAX_WAIT_MS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    HELD_MODELS_FIELD_NUMBER: _builtins.int
     max_wait_ms: _builtins.int
     """How long the coordinator may hold the call open waiting for a task."""
     @_builtins.property
     def state(self) -> Global___DeviceState: ...
+    @_builtins.property
+    def held_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Artifact ids of global models this client holds decoded, newest first (at
+        most 4): the coordinator may send the next model as a difference against
+        one of them (a TensorBundle with base_sha256, model encoding "delta-...").
+        """
+
     def __init__(
         self,
         *,
         max_wait_ms: _builtins.int = ...,
         state: Global___DeviceState | None = ...,
+        held_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_wait_ms", b"max_wait_ms", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_models", b"held_models", "max_wait_ms", b"max_wait_ms", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,8 +353,9 @@ class ArtifactRef(_message.Message):
     """
     encoding_name: _builtins.str
     """The encoding the coordinator chose for this client and this artifact, as a
-    name: "fp32", "fp32+zstd", "fp16+zstd", "int8+zstd" (models: a TensorBundle
-    whose tensors say their own encoding); "fp32", "fp16", "int8", "int4", each
+    name: "fp32", "fp32+zstd", "fp16+zstd", "int8+zstd", or "delta-" and one of
+    those (models: a TensorBundle whose tensors say their own encoding; a delta
+    names its base in base_sha256, a model the client said it holds); "fp32", "fp16", "int8", "int4", each
     optionally "+zstd" (generators: ONNX with weight-only quantisation).
     """
     def __init__(
