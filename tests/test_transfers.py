@@ -92,6 +92,7 @@ def test_a_delta_upload_is_added_to_the_full_precision_model(tmp_path: Path) -> 
 
     async def scenario() -> tuple[dict, dict, dict, dict]:
         fed = build_federation(config)
+        fed.recovering = False  # a fresh state directory: nothing to recover, and no engine runs here
         client_id, _ = await fed.join("delta-test-token", {}, "dev-1")
         await fed._open_round([client_id])
         task = fed._assignment_for(client_id)
