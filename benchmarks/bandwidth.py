@@ -68,9 +68,11 @@ RUNS: dict[str, tuple[str, str, str]] = {
     "all-compact": ("int8+zstd", "int8+zstd", "topk10+zstd"),
 }
 # Which artifact a run changes (the accuracy delta of its encoding row comes from it).
-RUN_OF = {("model", m): k for k, (m, g, u) in RUNS.items() if (g, u) == ("fp32", "fp32") and m != "fp32"}
-RUN_OF |= {("generator", g): k for k, (m, g, u) in RUNS.items() if (m, u) == ("fp32", "fp32") and g != "fp32"}
-RUN_OF |= {("upload", u): k for k, (m, g, u) in RUNS.items() if (m, g) == ("fp32", "fp32") and u != "fp32"}
+RUN_OF: dict[tuple[str, str], str] = {}
+for _run, _encodings in RUNS.items():
+    _changed = [(a, e) for a, e in zip(("model", "generator", "upload"), _encodings) if e != "fp32"]
+    if len(_changed) == 1:
+        RUN_OF[_changed[0]] = _run
 
 # Emulated links: name -> (Mbit/s each way, one-way latency s).
 PROFILES = {"0.5 Mbit/s": (0.5, 0.1), "5 Mbit/s": (5.0, 0.04), "50 Mbit/s": (50.0, 0.01)}

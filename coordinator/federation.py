@@ -26,12 +26,11 @@ import torch
 from coordinator import errors
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import evaluate_state
-from coordinator.fedgen import GENERATOR_ARTIFACT as GENERATOR_KIND
 from coordinator.ledger import LedgerWriter
-from coordinator.store import StateStore, StoredRound, StoredUpdate
 from coordinator.link_policy import DownloadTiming
+from coordinator.store import StateStore, StoredRound, StoredUpdate
+from coordinator.strategy import GENERATOR_ONNX, ClientResult, RoundPlan, State, Strategy
 from coordinator.transfers import ClientPlan, RoundVariants, TransferPlanner
-from coordinator.strategy import ClientResult, RoundPlan, State, Strategy
 from coordinator.validation import UpdateRejected, validate_counts, validate_report, validate_state
 from export.codec import (CodecError, EncodingSpec, apply_delta, bundle_from_bytes, bundle_to_bytes, decode_state,
                           encode_state)
@@ -403,7 +402,7 @@ class Federation:
         extra = tuple(
             {"kind": a["kind"], "sha256": plan.generator.sha256, "size": plan.generator.size,
              "encoding_name": plan.generator.name}
-            if a["kind"] == GENERATOR_KIND and plan.generator is not None else a
+            if a["kind"] == GENERATOR_ONNX and plan.generator is not None else a
             for a in r.artifacts
         )
         return TrainAssignment(
@@ -646,7 +645,7 @@ class Federation:
         await self._notify()
 
     def _prepare_variants(self, model_sha: str, artifacts: list[dict[str, Any]]) -> RoundVariants:
-        generator = next((a["sha256"] for a in artifacts if a["kind"] == GENERATOR_KIND), None)
+        generator = next((a["sha256"] for a in artifacts if a["kind"] == GENERATOR_ONNX), None)
         return self.transfers.prepare(model_sha, generator)
 
     async def _run_open_round(self) -> None:

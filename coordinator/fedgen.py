@@ -18,14 +18,13 @@ from coordinator.config import FedGenConfig, TrainingConfig
 from coordinator.generator import (
     Generator, GeneratorConfig, GeneratorTrainConfig, Head, make_optimizer, train_generator,
 )
-from coordinator.strategy import Aggregate, ClientResult, FedAvg, RoundArtifact, State
+from coordinator.strategy import GENERATOR_ONNX, Aggregate, ClientResult, FedAvg, RoundArtifact, State
 from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from export.onnx_export import export_generator_onnx
 
 _LOGGER = logging.getLogger(__name__)
 
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
-GENERATOR_ARTIFACT = "generator_onnx"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +74,7 @@ class FedGen(FedAvg):
             return []
         if self._onnx is None:
             self._onnx = export_generator_onnx(self.generator, self.gen_config.to_dict())
-        return [RoundArtifact(GENERATOR_ARTIFACT, self._onnx)]
+        return [RoundArtifact(GENERATOR_ONNX, self._onnx)]
 
     def label_space(self, n_classes: int) -> list[int]:
         """Labels present in any client's data so far (official: the union of the users' labels)."""

@@ -34,11 +34,15 @@ class ClientResult:
     metrics: Mapping[str, float]
 
 
+#: Kind of the FedGen generator artifact (an ONNX file) in RoundArtifact and the round store.
+GENERATOR_ONNX = "generator_onnx"
+
+
 @dataclass(frozen=True)
 class RoundArtifact:
     """Something besides the global model that every client of a round must hold."""
 
-    kind: str  # "generator_onnx"
+    kind: str  # GENERATOR_ONNX
     data: bytes
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from coordinator.link_policy import DownloadTiming
 from coordinator.federation import (
     Assignment, DoneAssignment, Event, TrainAssignment, UploadHeader, UploadResult, WaitAssignment,
 )
+from coordinator.link_policy import DownloadTiming
+from coordinator.strategy import GENERATOR_ONNX
 from fedgen.v1 import control_pb2, fleet_pb2, tensor_pb2
 
 _EVENT_KINDS = {
@@ -25,7 +26,7 @@ _EVENT_KINDS = {
     "joined": control_pb2.RoundEvent.KIND_CLIENT_JOINED,
 }
 _TENSOR_ENCODINGS = {"fp32": tensor_pb2.ENCODING_RAW, "fp16": tensor_pb2.ENCODING_FP16, "int8": tensor_pb2.ENCODING_INT8}
-_ARTIFACT_KINDS = {"generator_onnx": fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX}
+_ARTIFACT_KINDS = {GENERATOR_ONNX: fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX}
 _STATES = {
     "waiting_for_clients": control_pb2.FEDERATION_STATE_WAITING_FOR_CLIENTS,
     "training": control_pb2.FEDERATION_STATE_TRAINING,

@@ -485,7 +485,7 @@ def _decode_topk(t: tensor_pb2.Tensor, label: str, shape: tuple[int, ...], count
     data = t.data
     if t.compression == tensor_pb2.COMPRESSION_ZSTD:
         # At most every element kept: the bound keeps a hostile frame from inflating further.
-        data = decompress_frame(data, bitmap_bytes + count, label=label, exact=False)
+        data = decompress_frame(data, bitmap_bytes + count, label=label)
     if len(data) < bitmap_bytes:
         raise CodecError(f"{label}: top-k data has {len(data)} bytes, less than its {bitmap_bytes}-byte bitmap")
     bits = np.unpackbits(np.frombuffer(data[:bitmap_bytes], dtype=np.uint8), bitorder="little")
@@ -614,11 +614,9 @@ def is_zstd_frame(data: bytes) -> bool:
     return bytes(data[:4]) == _ZSTD_MAGIC
 
 
-def decompress_frame(data: bytes, limit: int, label: str = "artifact", exact: bool = False) -> bytes:
-    """One Zstandard frame, refusing to produce more than ``limit`` bytes (exactly ``limit``
-    when ``exact``): compressed artifacts are never trusted to say how big they are."""
-    if exact:
-        return _decompress(label, data, limit)
+def decompress_frame(data: bytes, limit: int, label: str = "artifact") -> bytes:
+    """One Zstandard frame, refusing to produce more than ``limit`` bytes: compressed artifacts
+    are never trusted to say how big they are."""
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
