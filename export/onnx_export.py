@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.generator_manifest import MANIFEST_KEY, GeneratorManifest
+from fedgen.export.generator_manifest import MANIFEST_KEY, GeneratorManifest
 
 OPSET = 17
 

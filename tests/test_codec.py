@@ -1,4 +1,4 @@
-"""Tests for export.codec: round trips, error bounds, sizes and hostile input."""
+"""Tests for fedgen.export.codec: round trips, error bounds, sizes and hostile input."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from export.codec import (
-    ALL_SPECS,
-    ZSTD_LEVEL,
+from fedgen.export.codec import (
+    DENSE_ENCODINGS,
     CodecError,
-    EncodingSpec,
+    Encoding,
     bundle_from_bytes,
     bundle_to_bytes,
     decode_array,
@@ -23,6 +22,7 @@ from export.codec import (
     max_abs_error_bound,
     sha256_hex,
 )
+from fedgen.export.compression import ZSTD_LEVEL
 from fedgen.v1 import tensor_pb2
 
 SPECS = [
@@ -36,39 +36,46 @@ def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _roundtrip(array: np.ndarray, spec: EncodingSpec, name: str = "t") -> np.ndarray:
+def _roundtrip(array: np.ndarray, spec: Encoding, name: str = "t") -> np.ndarray:
     bundle = encode_state({name: array}, spec)
     data = bundle_to_bytes(bundle)
     return decode_state(bundle_from_bytes(data))[name]
 
 
 # ---------------------------------------------------------------------------
-# EncodingSpec
+# Encoding
 
 
 def test_spec_parse_and_names():
-    assert EncodingSpec.parse("fp32") == EncodingSpec()
-    assert EncodingSpec.parse("raw") == EncodingSpec()
-    assert EncodingSpec.parse(" FP16+ZSTD ") == EncodingSpec(
-        tensor_pb2.ENCODING_FP16, tensor_pb2.COMPRESSION_ZSTD
-    )
+    assert Encoding.parse("fp32") == Encoding()
+    assert Encoding.parse("raw") == Encoding()
+    assert Encoding.parse(" FP16+ZSTD ") == Encoding("fp16", zstd=True)
+    assert Encoding.parse("delta-int8+zstd") == Encoding("int8", zstd=True, delta=True)
+    assert Encoding.parse("delta-int8+zstd").plain() == Encoding.parse("int8+zstd")
     for text in SPECS:
-        assert EncodingSpec.parse(text).name == text
-    assert EncodingSpec.parse("raw+zstd").name == "fp32+zstd"
-    assert [s.name for s in ALL_SPECS] == SPECS
+        assert Encoding.parse(text).name == text
+    assert Encoding.parse("raw+zstd").name == "fp32+zstd"
+    assert [s.name for s in DENSE_ENCODINGS] == SPECS
 
 
-@pytest.mark.parametrize("bad", ["", "fp64", "int4", "fp16+gzip", "fp16+", "+zstd", "int8+zstd+zstd"])
+@pytest.mark.parametrize("bad", ["", "fp64", "fp16+gzip", "fp16+", "+zstd", "int8+zstd+zstd", "delta-"])
 def test_spec_parse_rejects_unknown(bad):
     with pytest.raises(ValueError, match="valid: fp32, raw, fp16, int8"):
-        EncodingSpec.parse(bad)
+        Encoding.parse(bad)
 
 
-def test_spec_rejects_unknown_enum_values():
+def test_spec_rejects_unknown_codecs():
     with pytest.raises(ValueError):
-        EncodingSpec(encoding=tensor_pb2.ENCODING_UNSPECIFIED)
+        Encoding("fp64")
     with pytest.raises(ValueError):
-        EncodingSpec(compression=7)
+        Encoding("topk0")
+
+
+def test_int4_is_an_encoding_but_not_a_tensor_encoding():
+    """4-bit weights exist for ONNX artifacts (the generator); no tensor travels in them."""
+    assert Encoding.parse("int4+zstd").name == "int4+zstd"
+    with pytest.raises(ValueError, match="'int4' is not a tensor encoding"):
+        encode_array("w", np.ones(4, np.float32), Encoding.parse("int4"))
 
 
 # ---------------------------------------------------------------------------
@@ -78,14 +85,14 @@ def test_spec_rejects_unknown_enum_values():
 @pytest.mark.parametrize("spec_name", SPECS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_float32_roundtrip_within_bound(spec_name, shape):
-    spec = EncodingSpec.parse(spec_name)
+    spec = Encoding.parse(spec_name)
     x = (_rng(len(shape)).standard_normal(shape) * 3.0).astype(np.float32)
     y = _roundtrip(x, spec)
     assert y.dtype == np.float32
     assert y.shape == x.shape
     assert y.flags.writeable
     bound = max_abs_error_bound(x, spec)
-    if spec.encoding == tensor_pb2.ENCODING_RAW:
+    if spec.codec == "fp32":
         assert bound == 0.0
         np.testing.assert_array_equal(y, x)
     else:
@@ -96,7 +103,7 @@ def test_float32_roundtrip_within_bound(spec_name, shape):
 
 @pytest.mark.parametrize("spec_name", SPECS)
 def test_float16_input_keeps_logical_dtype(spec_name):
-    spec = EncodingSpec.parse(spec_name)
+    spec = Encoding.parse(spec_name)
     x = _rng(1).standard_normal((4, 6)).astype(np.float16)
     t = encode_array("h", x, spec)
     assert t.dtype == tensor_pb2.DTYPE_FLOAT16
@@ -104,14 +111,14 @@ def test_float16_input_keeps_logical_dtype(spec_name):
     assert y.dtype == np.float16
     err = float(np.max(np.abs(y.astype(np.float64) - x.astype(np.float64))))
     assert err <= max_abs_error_bound(x, spec)
-    if spec.encoding != tensor_pb2.ENCODING_INT8:
+    if spec.codec != "int8":
         np.testing.assert_array_equal(y, x)
 
 
 @pytest.mark.parametrize("spec_name", SPECS)
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
 def test_integer_buffers_exact_and_raw_under_every_spec(spec_name, dtype):
-    spec = EncodingSpec.parse(spec_name)
+    spec = Encoding.parse(spec_name)
     info = np.iinfo(dtype)
     x = _rng(2).integers(info.min, info.max, size=(5, 3), dtype=dtype, endpoint=True)
     x.flat[0], x.flat[1] = info.min, info.max
@@ -128,15 +135,15 @@ def test_integer_buffers_exact_and_raw_under_every_spec(spec_name, dtype):
 
 def test_int64_scalar_num_batches_tracked():
     x = np.array(12345678901234, dtype=np.int64)
-    for spec in ALL_SPECS:
+    for spec in DENSE_ENCODINGS:
         y = _roundtrip(x, spec)
         assert y.shape == () and y.dtype == np.int64 and int(y) == 12345678901234
 
 
 def test_fp16_metadata_and_size():
     x = _rng(3).standard_normal((32, 784)).astype(np.float32)
-    raw = encode_array("fc1.weight", x, EncodingSpec.parse("fp32"))
-    half = encode_array("fc1.weight", x, EncodingSpec.parse("fp16"))
+    raw = encode_array("fc1.weight", x, Encoding.parse("fp32"))
+    half = encode_array("fc1.weight", x, Encoding.parse("fp16"))
     assert half.dtype == tensor_pb2.DTYPE_FLOAT32
     assert half.encoding == tensor_pb2.ENCODING_FP16
     assert list(half.shape) == [32, 784]
@@ -146,8 +153,8 @@ def test_fp16_metadata_and_size():
 
 def test_int8_size_is_quarter_plus_scales():
     x = _rng(4).standard_normal((32, 784)).astype(np.float32)
-    raw = encode_array("fc1.weight", x, EncodingSpec.parse("fp32"))
-    q = encode_array("fc1.weight", x, EncodingSpec.parse("int8"))
+    raw = encode_array("fc1.weight", x, Encoding.parse("fp32"))
+    q = encode_array("fc1.weight", x, Encoding.parse("int8"))
     assert len(q.data) == len(raw.data) // 4
     assert len(q.scales) == len(q.zero_points) == 32
     ratio = q.ByteSize() / raw.ByteSize()
@@ -156,7 +163,7 @@ def test_int8_size_is_quarter_plus_scales():
 
 def test_int8_channel_layout():
     # 1-d and 0-d tensors are one channel; rank >= 2 has one per output channel.
-    spec = EncodingSpec.parse("int8")
+    spec = Encoding.parse("int8")
     assert len(encode_array("b", np.ones(10, np.float32), spec).scales) == 1
     assert len(encode_array("s", np.float32(2.5).reshape(()), spec).scales) == 1
     assert len(encode_array("c", np.ones((8, 3, 5, 5), np.float32), spec).scales) == 8
@@ -164,7 +171,7 @@ def test_int8_channel_layout():
 
 
 def test_int8_exact_cases():
-    spec = EncodingSpec.parse("int8")
+    spec = Encoding.parse("int8")
     # zero is always exact; an all-zero channel uses scale 1.0
     x = np.zeros((2, 5), np.float32)
     x[1] = np.linspace(-1, 1, 5)
@@ -186,30 +193,30 @@ def test_int8_exact_cases():
 def test_int8_refuses_non_finite():
     x = np.array([1.0, np.nan], np.float32)
     with pytest.raises(CodecError, match="'bad'"):
-        encode_array("bad", x, EncodingSpec.parse("int8"))
+        encode_array("bad", x, Encoding.parse("int8"))
 
 
 def test_fp16_refuses_overflow_but_passes_inf_nan():
     with pytest.raises(CodecError, match="'big'.*overflows float16"):
-        encode_array("big", np.array([1e6], np.float32), EncodingSpec.parse("fp16"))
+        encode_array("big", np.array([1e6], np.float32), Encoding.parse("fp16"))
     x = np.array([np.inf, -np.inf, np.nan, 1.0], np.float32)
-    y = decode_array(encode_array("s", x, EncodingSpec.parse("fp16")))
+    y = decode_array(encode_array("s", x, Encoding.parse("fp16")))
     np.testing.assert_array_equal(y, x)
 
 
 def test_raw_exact_for_special_values_and_big_endian_input():
     x = np.array([np.inf, -np.inf, np.nan, -0.0, 1e-45, 3.4e38], np.float32)
-    y = _roundtrip(x, EncodingSpec.parse("fp32+zstd"))
+    y = _roundtrip(x, Encoding.parse("fp32+zstd"))
     np.testing.assert_array_equal(y.view(np.uint32), x.view(np.uint32))
     be = np.arange(6, dtype=">f4").reshape(2, 3)
-    t = encode_array("be", be, EncodingSpec())
+    t = encode_array("be", be, Encoding())
     assert t.data == np.arange(6, dtype="<f4").tobytes()
     np.testing.assert_array_equal(decode_array(t), be)
 
 
 def test_non_contiguous_input():
     x = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2].T
-    for spec in ALL_SPECS:
+    for spec in DENSE_ENCODINGS:
         y = decode_array(encode_array("v", x, spec))
         assert y.shape == x.shape
         assert np.max(np.abs(y - x)) <= max_abs_error_bound(x, spec)
@@ -218,7 +225,7 @@ def test_non_contiguous_input():
 @pytest.mark.parametrize("dtype", [np.float64, np.int16, np.bool_, np.complex64, object])
 def test_unsupported_input_dtype(dtype):
     with pytest.raises(CodecError, match="'x': unsupported dtype"):
-        encode_array("x", np.zeros(3, dtype=dtype), EncodingSpec())
+        encode_array("x", np.zeros(3, dtype=dtype), Encoding())
 
 
 def test_state_order_and_determinism():
@@ -228,7 +235,7 @@ def test_state_order_and_determinism():
         "a.bias": rng.standard_normal(4).astype(np.float32),
         "bn.num_batches_tracked": np.array(7, np.int64),
     }
-    for spec in ALL_SPECS:
+    for spec in DENSE_ENCODINGS:
         bundle = encode_state(state, spec)
         assert [t.name for t in bundle.tensors] == list(state)
         b1, b2 = bundle_to_bytes(bundle), bundle_to_bytes(encode_state(state, spec))
@@ -242,7 +249,7 @@ def test_state_order_and_determinism():
 def test_zstd_level_and_compresses():
     assert ZSTD_LEVEL == 3
     x = np.zeros((64, 64), np.float32)
-    t = encode_array("zeros", x, EncodingSpec.parse("fp32+zstd"))
+    t = encode_array("zeros", x, Encoding.parse("fp32+zstd"))
     assert len(t.data) < x.nbytes // 50
     assert zstandard.frame_content_size(t.data) == x.nbytes
 
@@ -262,7 +269,7 @@ _finite_f32 = st.floats(
         shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6),
         elements=_finite_f32,
     ),
-    spec=st.sampled_from(ALL_SPECS),
+    spec=st.sampled_from(DENSE_ENCODINGS),
 )
 def test_property_roundtrip_within_bound(x, spec):
     t = encode_array("p", x, spec)
@@ -271,7 +278,7 @@ def test_property_roundtrip_within_bound(x, spec):
     if x.size:
         err = float(np.max(np.abs(y.astype(np.float64) - x.astype(np.float64))))
         assert err <= max_abs_error_bound(x, spec)
-    if spec.encoding == tensor_pb2.ENCODING_RAW:
+    if spec.codec == "fp32":
         assert max_abs_error_bound(x, spec) == 0.0
         np.testing.assert_array_equal(y, x)
 
@@ -343,7 +350,7 @@ def test_max_elements_is_enforced():
 
 def test_int8_rejects_wrong_scales():
     x = _rng(6).standard_normal((4, 5)).astype(np.float32)
-    good = encode_array("conv.w", x, EncodingSpec.parse("int8"))
+    good = encode_array("conv.w", x, Encoding.parse("int8"))
     decode_array(good)
 
     fewer = tensor_pb2.Tensor()
@@ -412,7 +419,7 @@ def test_bundle_from_bytes_rejects_garbage(data):
 
 
 def test_decode_state_rejects_duplicate_names():
-    a = encode_array("dup", np.zeros(2, np.float32), EncodingSpec())
+    a = encode_array("dup", np.zeros(2, np.float32), Encoding())
     bundle = tensor_pb2.TensorBundle(tensors=[a, a])
     with pytest.raises(CodecError, match="tensor 'dup': duplicate name"):
         decode_state(bundle_from_bytes(bundle_to_bytes(bundle)))
@@ -422,12 +429,12 @@ def test_codec_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, export.codec; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fedgen.export.codec; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_zstd_is_kept_only_where_it_makes_a_tensor_smaller():
-    spec = EncodingSpec.parse("int8+zstd")
+    spec = Encoding.parse("int8+zstd")
     noisy = encode_array("noisy", _rng(3).standard_normal((16, 16)).astype(np.float32), spec)
     smooth = encode_array("smooth", np.zeros((64, 64), np.float32), spec)
     assert noisy.compression == tensor_pb2.COMPRESSION_NONE and len(noisy.data) == 256

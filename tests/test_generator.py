@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.config import FedGenConfig, TrainingConfig
-from coordinator.fedgen import FedGen
-from coordinator.generator import (
+from fedgen.coordinator.config import FedGenConfig, TrainingConfig
+from fedgen.coordinator.fedgen import FedGen
+from fedgen.coordinator.generator import (
     Generator, GeneratorConfig, GeneratorTrainConfig, Head, diversity_loss, label_weights, make_optimizer,
     train_generator,
 )
-from coordinator.strategy import ClientResult
-from edge_client.generator_runtime import OnnxGenerator
-from edge_client.trainer import LocalTrainer, TrainPlan
-from export.generator_manifest import ManifestError
-from export.onnx_export import export_generator_onnx
-from fedcore.models import Classifier, state_to_numpy
+from fedgen.coordinator.strategy import ClientResult
+from fedgen.edge.generator_runtime import OnnxGenerator
+from fedgen.edge.trainer import LocalTrainer, TrainPlan
+from fedgen.export.generator_manifest import ManifestError
+from fedgen.export.encoding import Encoding
+from fedgen.export.onnx_export import export_generator_onnx
+from fedgen.core.models import Classifier, state_to_numpy
 
 
 def _trained_generator(seed: int = 0) -> Generator:
@@ -121,6 +122,8 @@ def test_fedgen_strategy_schedule_artifacts_and_state() -> None:
     agg = s.aggregate_round(0, _results(), {})
     for key in ("generator_seconds", "generator_teacher_loss", "generator_diversity_loss", "generator_onnx_bytes"):
         assert key in agg.extras
+    assert sorted(agg.extras) == sorted(s.metric_names())  # the ledger's CSV has a column for each
+    assert [spec.kind for spec in s.artifact_specs()] == ["generator_onnx"]
     p3 = s.configure_round(3).params
     assert p3["regularize"] == 1.0
     assert p3["generative_alpha"] == pytest.approx(10 * 0.98**3)
@@ -178,13 +181,13 @@ _VARIANT_BOUNDS = {"fp32+zstd": 1e-5, "fp16+zstd": 2e-3, "int8+zstd": 2e-2, "int
 
 @pytest.mark.parametrize("name", list(_VARIANT_BOUNDS))
 def test_generator_variants_match_torch_within_their_bounds(name: str, tmp_path: Path) -> None:
-    from export.generator_artifacts import generator_variant, int4_available
+    from fedgen.export.generator_artifacts import generator_variant, int4_available
 
     if name.startswith("int4") and not int4_available():
         pytest.skip("onnx-ir not installed")
     g = _trained_generator()
     fp32 = export_generator_onnx(g, g.config.to_dict())
-    data = generator_variant(fp32, name)
+    data = generator_variant(fp32, Encoding.parse(name))
     assert data[:4] == b"\x28\xb5\x2f\xfd"  # one zstd frame
     path = tmp_path / "g"
     path.write_bytes(data)
@@ -201,13 +204,15 @@ def test_generator_variants_match_torch_within_their_bounds(name: str, tmp_path:
 
 
 def test_unknown_generator_encoding_and_corrupt_compressed_artifact(tmp_path: Path) -> None:
-    from export.generator_artifacts import ArtifactEncodingError, generator_variant
+    from fedgen.export.generator_artifacts import ArtifactEncodingError, generator_variant
 
     g = _trained_generator()
     fp32 = export_generator_onnx(g, g.config.to_dict())
-    with pytest.raises(ArtifactEncodingError, match="unknown generator encoding 'int3'"):
-        generator_variant(fp32, "int3")
-    data = generator_variant(fp32, "int8+zstd")
+    with pytest.raises(ValueError, match="unknown encoding 'int3'"):
+        Encoding.parse("int3")
+    with pytest.raises(ArtifactEncodingError, match="'topk10' is not a generator encoding"):
+        generator_variant(fp32, Encoding.parse("topk10"))
+    data = generator_variant(fp32, Encoding.parse("int8+zstd"))
     path = tmp_path / "g"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ManifestError, match="zstd"):

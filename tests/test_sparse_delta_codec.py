@@ -1,4 +1,4 @@
-"""Top-k sparsification, deltas against a held model, and error feedback (export.codec)."""
+"""Top-k sparsification, deltas against a held model, and error feedback (fedgen.export.codec)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from export.codec import (CodecError, EncodingSpec, ErrorFeedback, apply_delta, bundle_from_bytes, bundle_to_bytes,
-                          decode_array, decode_state, encode_array, encode_state, state_delta, topk_count)
+from fedgen.export.codec import (CodecError, Encoding, ErrorFeedback, apply_delta, bundle_from_bytes, bundle_to_bytes,
+                                 decode_array, decode_state, encode_array, encode_state, state_delta)
+from fedgen.export.tensor_codecs import topk_count
 from fedgen.v1 import tensor_pb2
 
 BASE = "ab" * 32
@@ -17,20 +18,20 @@ BASE = "ab" * 32
 @pytest.mark.parametrize("text,density,name", [("topk10", 0.1, "topk10"), ("TOPK2.5+zstd", 0.025, "topk2.5+zstd"),
                                                ("topk100", 1.0, "topk100")])
 def test_topk_spec_parse_and_name(text: str, density: float, name: str) -> None:
-    spec = EncodingSpec.parse(text)
+    spec = Encoding.parse(text)
     assert spec.sparse and spec.density == pytest.approx(density) and spec.name == name
 
 
 @pytest.mark.parametrize("bad", ["topk", "topk0", "topk101", "topk-5", "topkx", "topk10+gzip"])
 def test_topk_spec_rejects_bad_percentages(bad: str) -> None:
     with pytest.raises(ValueError, match="topk<percent>"):
-        EncodingSpec.parse(bad)
+        Encoding.parse(bad)
 
 
 def test_topk_keeps_exactly_the_largest_entries_within_an_int8_step() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 3, 5, 5)).astype(np.float32)
-    t = encode_array("w", x, EncodingSpec.parse("topk10"))
+    t = encode_array("w", x, Encoding.parse("topk10"))
     y = decode_array(t)
     k = topk_count(x.size, 0.1)
     kept = y != 0
@@ -47,7 +48,7 @@ def test_topk_keeps_exactly_the_largest_entries_within_an_int8_step() -> None:
 
 def test_topk_of_tiny_and_empty_tensors() -> None:
     for x in (np.float32(3.5).reshape(()), np.zeros(0, np.float32), np.array([0.0, -2.0, 1.0], np.float32)):
-        y = decode_array(encode_array("t", x, EncodingSpec.parse("topk10+zstd")))
+        y = decode_array(encode_array("t", x, Encoding.parse("topk10+zstd")))
         assert y.shape == x.shape
         if x.size:
             i = np.argmax(np.abs(x))
@@ -56,7 +57,7 @@ def test_topk_of_tiny_and_empty_tensors() -> None:
 
 
 def _topk_tensor(**changes: object) -> tensor_pb2.Tensor:
-    t = encode_array("w", np.arange(20, dtype=np.float32) - 10, EncodingSpec.parse("topk25"))
+    t = encode_array("w", np.arange(20, dtype=np.float32) - 10, Encoding.parse("topk25"))
     for key, value in changes.items():
         if key in ("scales", "zero_points"):
             getattr(t, key)[:] = value
@@ -81,7 +82,7 @@ def test_delta_round_trip_and_base_digest() -> None:
     rng = np.random.default_rng(1)
     base = {"w": rng.standard_normal((8, 4)).astype(np.float32), "n": np.array(7, dtype=np.int64)}
     new = {"w": base["w"] + 0.01 * rng.standard_normal((8, 4)).astype(np.float32), "n": np.array(9, dtype=np.int64)}
-    bundle = bundle_from_bytes(bundle_to_bytes(encode_state(state_delta(new, base), EncodingSpec(), BASE)))
+    bundle = bundle_from_bytes(bundle_to_bytes(encode_state(state_delta(new, base), Encoding(), BASE)))
     assert bundle.base_sha256 == BASE
     out = apply_delta(base, decode_state(bundle))
     assert out["n"] == 9 and out["n"].dtype == np.int64
@@ -102,7 +103,7 @@ def test_delta_against_the_wrong_base_is_refused() -> None:
 def test_error_feedback_loses_nothing_over_rounds(deltas: list[np.ndarray], percent: int) -> None:
     """Sum of what was sent + what is still held back == sum of what was meant to be sent."""
     ef = ErrorFeedback()
-    spec = EncodingSpec.parse(f"topk{percent}+zstd")
+    spec = Encoding.parse(f"topk{percent}+zstd")
     sent = np.zeros((6, 7), np.float32)
     for d in deltas:
         sent += decode_state(ef.encode({"w": d}, spec, BASE))["w"]
@@ -112,7 +113,7 @@ def test_error_feedback_loses_nothing_over_rounds(deltas: list[np.ndarray], perc
 def test_error_feedback_eventually_sends_a_small_persistent_direction() -> None:
     """A coordinate too small to make the top 10% in any one round still gets through."""
     ef = ErrorFeedback()
-    spec = EncodingSpec.parse("topk10")
+    spec = Encoding.parse("topk10")
     delta = np.full(100, 0.01, np.float32)
     delta[:10] = 1.0  # the big ones always win a single round
     got = np.zeros(100, np.float32)
@@ -147,7 +148,7 @@ def _task(upload_encoding: str) -> "fleet_pb2.TrainTask":
 
 
 def test_the_client_encodes_its_update_as_asked_and_falls_back_to_fp32() -> None:
-    from edge_client.runner import _encode_update
+    from fedgen.edge.runner import _encode_update
 
     rng = np.random.default_rng(4)
     received = {"w": rng.standard_normal((16, 8)).astype(np.float32), "bn.running_var": np.ones(8, np.float32),
