@@ -39,12 +39,12 @@ from common import (REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, shared
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from coordinator.config import CoordinatorConfig, load_config  # noqa: E402
-from coordinator.local import LocalFederation, write_shards  # noqa: E402
-from coordinator.wire import ledger_row_from_proto  # noqa: E402
-from export.codec import (EncodingSpec, apply_delta, bundle_from_bytes, bundle_to_bytes, decode_state,  # noqa: E402
+from fedgen.coordinator.config import CoordinatorConfig, load_config  # noqa: E402
+from fedgen.coordinator.local import LocalFederation, write_shards  # noqa: E402
+from fedgen.coordinator.wire import ledger_row_from_proto  # noqa: E402
+from fedgen.export.codec import (Encoding, apply_delta, bundle_from_bytes, bundle_to_bytes, decode_state,  # noqa: E402
                           encode_state, state_delta)
-from fedcore.data import load_idx_dataset  # noqa: E402
+from fedgen.core.data import load_idx_dataset  # noqa: E402
 from fedgen.v1 import control_pb2  # noqa: E402
 from tools.netem import Shape, TcpProxy  # noqa: E402
 
@@ -176,8 +176,8 @@ def encoding_sizes(run: dict[str, Any]) -> list[dict[str, Any]]:
     """Each encoding of the fp32 run's final model, last update and generator: bytes and error."""
     import onnxruntime as ort
 
-    from coordinator.store import StateStore
-    from export.generator_artifacts import available_generator_encodings, generator_variant
+    from fedgen.coordinator.store import StateStore
+    from fedgen.export.generator_artifacts import available_generator_encodings, generator_variant
 
     state_dir, rows = run["state_dir"], run["rows"]
     final = decode_state(bundle_from_bytes(_blob(state_dir, rows[-1]["model_sha256"])))
@@ -194,22 +194,22 @@ def encoding_sizes(run: dict[str, Any]) -> list[dict[str, Any]]:
     update = decode_state(bundle_from_bytes(_blob(state_dir, update_blob)))
     out: list[dict[str, Any]] = []
 
-    fp32_model = len(bundle_to_bytes(encode_state(final, EncodingSpec())))
+    fp32_model = len(bundle_to_bytes(encode_state(final, Encoding())))
     for name in ("fp32", "fp32+zstd", "fp16", "fp16+zstd", "int8", "int8+zstd"):
-        data = bundle_to_bytes(encode_state(final, EncodingSpec.parse(name)))
+        data = bundle_to_bytes(encode_state(final, Encoding.parse(name)))
         out.append({"artifact": "model", "direction": "down", "encoding": name, "artifact_bytes": len(data),
                     "artifact_ratio": len(data) / fp32_model,
                     "max_abs_error": _float_error(decode_state(bundle_from_bytes(data)), final)})
     # The final model as a difference against the previous round's, which the client holds.
-    data = bundle_to_bytes(encode_state(state_delta(final, base), EncodingSpec.parse("int8+zstd"), base_sha))
+    data = bundle_to_bytes(encode_state(state_delta(final, base), Encoding.parse("int8+zstd"), base_sha))
     out.append({"artifact": "model", "direction": "down", "encoding": "delta-int8+zstd", "artifact_bytes": len(data),
                 "artifact_ratio": len(data) / fp32_model,
                 "max_abs_error": _float_error(apply_delta(base, decode_state(bundle_from_bytes(data))), final)})
 
     delta = state_delta(update, base)
-    fp32_update = len(bundle_to_bytes(encode_state(update, EncodingSpec())))
+    fp32_update = len(bundle_to_bytes(encode_state(update, Encoding())))
     for name in ("fp32", "fp16+zstd", "int8+zstd", "topk10+zstd", "topk5+zstd"):
-        spec = EncodingSpec.parse(name)
+        spec = Encoding.parse(name)
         if name == "fp32":
             data = bundle_to_bytes(encode_state(update, spec))
             rebuilt = decode_state(bundle_from_bytes(data))
@@ -225,7 +225,7 @@ def encoding_sizes(run: dict[str, Any]) -> list[dict[str, Any]]:
     eps = rng.random((1024, 32), dtype=np.float32)
 
     def latents(data: bytes) -> np.ndarray:
-        from export.codec import decompress_frame, is_zstd_frame
+        from fedgen.export.codec import decompress_frame, is_zstd_frame
 
         raw = decompress_frame(data, 64 << 20) if is_zstd_frame(data) else data
         return ort.InferenceSession(raw, providers=["CPUExecutionProvider"]).run(

@@ -5,7 +5,7 @@ measured edge client (client-00) started with `--memory-budget-mb BUDGET`, and t
 without a budget so that rounds happen even when the measured one declines. The measured client
 reports, per round, its own peak resident memory (VmHWM, reset at the start of each round), its
 CPU seconds and wall seconds; the coordinator's ledger keeps them with the bytes each round moved.
-Import time and the resident size right after `import edge_client.runner` are measured in fresh
+Import time and the resident size right after `import fedgen.edge.runner` are measured in fresh
 interpreters. Writes benchmarks/results/edge_footprint.{json,csv,png}.
 
     python benchmarks/edge_footprint.py                       # budgets 256, 384, 512, 1024 MB
@@ -30,10 +30,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from common import REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, shared_data_dir, write_results  # noqa: E402
-from coordinator.config import load_config  # noqa: E402
-from coordinator.ledger import read_jsonl  # noqa: E402
-from coordinator.local import LocalFederation, write_shards  # noqa: E402
-from fedcore.data import DataError, load_idx_dataset  # noqa: E402
+from fedgen.coordinator.config import load_config  # noqa: E402
+from fedgen.coordinator.ledger import read_jsonl  # noqa: E402
+from fedgen.coordinator.local import LocalFederation, write_shards  # noqa: E402
+from fedgen.core.data import DataError, load_idx_dataset  # noqa: E402
 from fedgen.v1 import control_pb2, control_pb2_grpc  # noqa: E402
 
 NAME = "edge_footprint"
@@ -43,9 +43,9 @@ MEASURED = "client-00"
 IMPORT_PROBE = """
 import json, time
 t = time.perf_counter()
-import edge_client.runner, edge_client.generator_runtime
+import fedgen.edge.runner, fedgen.edge.generator_runtime
 took = time.perf_counter() - t
-from edge_client.budget import rss_mib, peak_rss_mib
+from fedgen.edge.budget import rss_mib, peak_rss_mib
 print(json.dumps({"import_seconds": took, "rss_after_import_mb": rss_mib(), "peak_during_import_mb": peak_rss_mib()}))
 """
 

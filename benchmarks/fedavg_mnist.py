@@ -31,11 +31,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from common import REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, shared_data_dir, write_results  # noqa: E402
-from coordinator.config import ConfigError, CoordinatorConfig, load_config  # noqa: E402
-from coordinator.ledger import read_jsonl  # noqa: E402
-from coordinator.local import LocalFederation, write_shards  # noqa: E402
-from coordinator.wire import ledger_row_from_proto  # noqa: E402
-from fedcore.data import DataError, load_idx_dataset  # noqa: E402
+from fedgen.coordinator.config import ConfigError, CoordinatorConfig, load_config  # noqa: E402
+from fedgen.coordinator.ledger import read_jsonl  # noqa: E402
+from fedgen.coordinator.local import LocalFederation, write_shards  # noqa: E402
+from fedgen.coordinator.wire import ledger_row_from_proto  # noqa: E402
+from fedgen.core.data import DataError, load_idx_dataset  # noqa: E402
 from fedgen.v1 import control_pb2  # noqa: E402
 
 NAME = "fedavg_mnist"

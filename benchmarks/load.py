@@ -7,7 +7,7 @@ own TCP connection) unless `--channels` says otherwise. Every client speaks the 
 a device does:
 
   Join (enrollment token) -> loop: PollTask (a long poll) ->
-    TRAIN: DownloadArtifact the global model (sha256 verified), decode it with export.codec,
+    TRAIN: DownloadArtifact the global model (sha256 verified), decode it with fedgen.export.codec,
            Heartbeat(busy), sleep `--train-seconds` (training stands in), UploadUpdate the global
            state plus small noise (header, then 64 KiB chunks; idempotency key, num_examples,
            label counts summing to it; retried with the same key on a transient status);
@@ -55,9 +55,9 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import REPO_ROOT, RESULTS_DIR, command_line, write_results  # noqa: E402
-from coordinator.config import ConfigError, CoordinatorConfig, parse_config  # noqa: E402
-from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state  # noqa: E402
-from fedcore.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options  # noqa: E402
+from fedgen.coordinator.config import ConfigError, CoordinatorConfig, parse_config  # noqa: E402
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state  # noqa: E402
+from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options  # noqa: E402
 from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc  # noqa: E402
 
 NAME = "load"
@@ -298,7 +298,7 @@ class SimClient:
                 state[key] = (value + 1e-3 * self.rng.standard_normal(value.shape)).astype(value.dtype)
             else:  # counters (BatchNorm's num_batches_tracked) advance by the local steps
                 state[key] = value + np.asarray(train.config.local_steps, dtype=value.dtype)
-        payload = bundle_to_bytes(encode_state(state, EncodingSpec()))
+        payload = bundle_to_bytes(encode_state(state, Encoding()))
         num_examples = int(self.rng.integers(32, 641))
         label_counts = self.rng.multinomial(num_examples, self.rng.dirichlet(np.full(N_CLASSES, 0.5)))
         header = fleet_pb2.UpdateHeader(
@@ -764,7 +764,7 @@ def plot(samples: list[dict[str, float]], flat: list[dict[str, Any]], per_second
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    from coordinator.local import LocalFederation
+    from fedgen.coordinator.local import LocalFederation
 
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)

@@ -43,12 +43,12 @@ from rich.table import Table  # noqa: E402
 
 from common import (REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, machine_info,  # noqa: E402
                     shared_data_dir, write_results)
-from coordinator.config import ConfigError, CoordinatorConfig, load_config  # noqa: E402
-from coordinator.evaluation import evaluate_state  # noqa: E402
-from coordinator.ledger import read_jsonl  # noqa: E402
-from coordinator.local import LocalFederation, write_shards  # noqa: E402
-from export.codec import bundle_from_bytes, decode_state  # noqa: E402
-from fedcore.data import (Dataset, DataError, dirichlet_partition, label_histogram,  # noqa: E402
+from fedgen.coordinator.config import ConfigError, CoordinatorConfig, load_config  # noqa: E402
+from fedgen.coordinator.evaluation import evaluate_state  # noqa: E402
+from fedgen.coordinator.ledger import read_jsonl  # noqa: E402
+from fedgen.coordinator.local import LocalFederation, write_shards  # noqa: E402
+from fedgen.export.codec import bundle_from_bytes, decode_state  # noqa: E402
+from fedgen.core.data import (Dataset, DataError, dirichlet_partition, label_histogram,  # noqa: E402
                           label_restricted_test_split, load_idx_dataset, load_shard, normalize_images)
 from fedgen.v1 import control_pb2  # noqa: E402
 

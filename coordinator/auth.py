@@ -4,7 +4,7 @@ The interceptor turns away a call before any handler runs: Fleet calls other tha
 valid client credential (`authorization: Bearer <credential>`), Control calls need the operator
 token when one is configured, and each client gets a token bucket of requests. It is public so
 that a coordinator mounted on someone else's `grpc.aio.Server` keeps the same guarantees
-(`coordinator.server.coordinator_interceptors`). The servicers check credentials again
+(`fedgen.coordinator.server.coordinator_interceptors`). The servicers check credentials again
 (defence in depth, and to learn the caller's client id).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import grpc
 
-from coordinator import errors
-from fedcore.transport import bearer_from_metadata
+from fedgen.coordinator import errors
+from fedgen.core.transport import bearer_from_metadata
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -81,10 +81,6 @@ class RateLimiter:
             raise errors.ResourceExhausted(
                 f"rate limit: client {client_id} exceeded {self.rate:g} requests/s (burst {self.burst}); slow down"
             )
-
-
-_STATUS = {errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-           errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -175,7 +171,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             elif method != JOIN_METHOD:
                 self.limiter.check(self.authenticator.authenticate(secret))
         except (errors.Unauthenticated, errors.ResourceExhausted) as err:
-            code = _STATUS[type(err)]
-            _LOGGER.info("[%s] %s: %s", method.lstrip("/"), code.name, err)
-            return _refusal(handler, code, str(err))
+            _LOGGER.info("[%s] %s: %s", method.lstrip("/"), err.code.name, err)
+            return _refusal(handler, err.code, str(err))
         return _parsing(handler)

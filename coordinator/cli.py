@@ -10,29 +10,39 @@ import time
 from pathlib import Path
 
 try:
-    from coordinator.config import ConfigError, CoordinatorConfig, load_config
+    from fedgen.coordinator.config import ConfigError, CoordinatorConfig, load_config
 except ImportError as _missing:  # the base install is the edge client; the coordinator is an extra
     raise SystemExit(f"fedgen: {_missing.name} is missing: the coordinator needs its extra, "
                      "pip install 'fedgen-edge[coordinator]' (or pip install '.[coordinator]' from a checkout)") from None
-from coordinator.store import atomic_write
+from fedgen.coordinator.sqlite_store import StoreError
+from fedgen.core.data import DataError
+from fedgen.core.files import atomic_write
 
-_LOGGER = logging.getLogger("coordinator")
+_LOGGER = logging.getLogger("fedgen.coordinator")
+#: Libraries that chat at INFO about things an operator need not see (quantiser steps, gRPC internals).
+QUIET_LOGGERS = ("grpc", "onnxruntime.quantization")
 
 
 def _setup_logging(level: str) -> None:
+    """The one place the coordinator's processes configure logging."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("grpc").setLevel(logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 # ----------------------------------------------------------------------------- serve
 async def _serve(config: CoordinatorConfig, port_file: Path | None, linger_s: float, exit_when_finished: bool) -> int:
-    from coordinator.server import build_federation, create_server
+    from fedgen.coordinator.server import build_federation, create_server
 
-    federation = build_federation(config)
-    running = await create_server(config.server.address, federation)
+    federation = await build_federation(config)
+    try:
+        running = await create_server(config.server.address, federation)
+    except BaseException:
+        await federation.close()
+        raise
     if port_file is not None:
         atomic_write(port_file, str(running.port).encode())
-    _LOGGER.info("serving on %s (port %d), state in %s", config.server.address, running.port, config.state_dir)
+    _LOGGER.info("serving on %s (port %d), state in %s", config.server.address, running.port, config.state_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -72,15 +82,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_serve(config, args.port_file, args.linger_s, args.exit_when_finished))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, StoreError, DataError) as err:
         print(f"fedgen serve: {err}", file=sys.stderr)
         return 1
 
 
 # ------------------------------------------------------------------------- partition
 def cmd_partition(args: argparse.Namespace) -> int:
-    from coordinator.local import write_shards
-    from fedcore.data import DataError, builtin_data_dir, describe_histogram, load_idx_dataset
+    from fedgen.coordinator.local import write_shards
+    from fedgen.core.data import DataError, builtin_data_dir, describe_histogram, load_idx_dataset
 
     try:
         data_dir = args.data_dir or builtin_data_dir()
@@ -121,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--log-level", default="WARNING")
     part.set_defaults(func=cmd_partition)
 
-    from coordinator.demo import add_demo_parser
+    from fedgen.coordinator.demo import add_demo_parser
 
     add_demo_parser(sub)
     return parser

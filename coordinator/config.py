@@ -5,13 +5,41 @@ A bad value is a `ConfigError` whose message names the key (`federation.rounds: 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, model_validator
+
+from fedgen.export.encoding import ONNX_WEIGHT_CODECS, Encoding, EncodingError
+from fedgen.export.tensor_codecs import codec_for
 
 StrategyName = Literal["fedavg", "fedprox", "fedgen"]
+#: Tokens printed in this project's documentation and examples: anyone can read them, so the
+#: coordinator refuses them on any address beyond loopback.
+PUBLIC_TOKENS = frozenset({"fedgen-demo-token", "change-me-enrollment-token", "change-me-operator-token"})
+DEMO_ENROLLMENT_TOKEN = "fedgen-demo-token"
+
+
+def default_state_dir() -> str:
+    """Where state lives unless the config says otherwise: the user's state folder, never a checkout."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "fedgen" / "coordinator")
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a ``host:port`` (or ``unix:`` path) is reachable from this machine only."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class ConfigError(ValueError):
@@ -30,7 +58,7 @@ class TlsConfig(_Section):
     client_ca_file: str | None = None  # PEM CA bundle that client certificates must chain to
 
     @model_validator(mode="after")
-    def _check_pair(self) -> "TlsConfig":
+    def _check_pair(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file must be given together")
         if self.client_ca_file is not None and self.cert_file is None:
@@ -73,7 +101,7 @@ class FederationConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check_counts(self) -> "FederationConfig":
+    def _check_counts(self) -> FederationConfig:
         if self.min_completed > self.clients_per_round:
             raise ValueError(
                 f"min_completed ({self.min_completed}) exceeds clients_per_round ({self.clients_per_round})"
@@ -128,26 +156,43 @@ class DataConfig(_Section):
 
 
 _SHA256_HEX = r"^[0-9a-f]{64}$"
-_GENERATOR_BASES = ("fp32", "fp16", "int8", "int4")
 
 
-def _check_tensor_encoding(name: str, allow_topk: bool, allow_delta: bool = False) -> str:
-    from export.codec import EncodingSpec
-
-    text = str(name).strip().lower()
-    delta = allow_delta and text.startswith("delta-")
-    spec = EncodingSpec.parse(text.removeprefix("delta-") if delta else text)  # ValueError names the valid forms
-    if spec.sparse and not allow_topk:
-        raise ValueError(f"{name!r}: top-k is for uploads (deltas), not for the global model")
-    return ("delta-" if delta else "") + spec.name
+def _parse_encoding(value: object) -> Encoding:
+    return value if isinstance(value, Encoding) else Encoding.parse(str(value))
 
 
-def _check_generator_encoding(name: str) -> str:
-    base, plus, suffix = str(name).strip().lower().partition("+")
-    if base not in _GENERATOR_BASES or (plus and suffix != "zstd"):
-        raise ValueError(f"unknown generator encoding {name!r}; valid: {', '.join(_GENERATOR_BASES)}, "
-                         "each with an optional +zstd")
-    return base + plus + suffix
+def _model_encoding(value: object) -> Encoding:
+    encoding = _parse_encoding(value)
+    if codec_for(encoding).fixed_size is False:
+        raise EncodingError(f"{encoding.name!r}: top-k is for uploads (deltas), not for the global model")
+    return encoding
+
+
+def _upload_encoding(value: object) -> Encoding:
+    encoding = _parse_encoding(value)
+    codec_for(encoding)
+    if encoding.delta:
+        raise EncodingError(f"{encoding.name!r}: an upload other than fp32 is always a delta; drop the delta- prefix")
+    return encoding
+
+
+def _generator_encoding(value: object) -> Encoding:
+    encoding = _parse_encoding(value)
+    if encoding.codec not in ONNX_WEIGHT_CODECS or encoding.delta:
+        raise EncodingError(f"{encoding.name!r} is not a generator encoding; valid: "
+                            f"{', '.join(ONNX_WEIGHT_CODECS)}, each with an optional +zstd")
+    return encoding
+
+
+def _name(encoding: Encoding) -> str:
+    return encoding.name
+
+
+_AS_NAME = PlainSerializer(_name, return_type=str)
+ModelEncoding = Annotated[Encoding, PlainValidator(_model_encoding), _AS_NAME]
+UploadEncoding = Annotated[Encoding, PlainValidator(_upload_encoding), _AS_NAME]
+GeneratorEncoding = Annotated[Encoding, PlainValidator(_generator_encoding), _AS_NAME]
 
 
 class BandwidthConfig(_Section):
@@ -163,53 +208,23 @@ class BandwidthConfig(_Section):
     transfer_budget_s: float = Field(30.0, ge=0)
     # Plans must fit this share of the budget: link estimates are noisy, the budget is a promise.
     budget_headroom: float = Field(0.9, gt=0, le=1)
-    model_encoding: str = "fp32"
-    generator_encoding: str = "fp32"
-    upload_encoding: str = "fp32"
+    model_encoding: ModelEncoding = Encoding()
+    generator_encoding: GeneratorEncoding = Encoding()
+    upload_encoding: UploadEncoding = Encoding()
     # Most faithful first. Uploads other than fp32 are differences against the downloaded model.
     # "delta-<encoding>": the difference against a model the client holds (only offered when it
     # holds one the coordinator can rebuild; otherwise that rung is skipped, or for the fixed
     # policy the plain <encoding> is sent).
-    model_ladder: list[str] = Field(
-        default_factory=lambda: ["fp32+zstd", "fp16+zstd", "delta-int8+zstd", "int8+zstd"], min_length=1)
-    generator_ladder: list[str] = Field(
-        default_factory=lambda: ["fp32+zstd", "fp16+zstd", "int8+zstd", "int4+zstd"], min_length=1)
-    upload_ladder: list[str] = Field(
-        default_factory=lambda: ["fp32", "fp16+zstd", "int8+zstd", "topk10+zstd"], min_length=1)
+    model_ladder: list[ModelEncoding] = Field(default_factory=lambda: [
+        Encoding.parse(n) for n in ("fp32+zstd", "fp16+zstd", "delta-int8+zstd", "int8+zstd")], min_length=1)
+    generator_ladder: list[GeneratorEncoding] = Field(default_factory=lambda: [
+        Encoding.parse(n) for n in ("fp32+zstd", "fp16+zstd", "int8+zstd", "int4+zstd")], min_length=1)
+    upload_ladder: list[UploadEncoding] = Field(default_factory=lambda: [
+        Encoding.parse(n) for n in ("fp32", "fp16+zstd", "int8+zstd", "topk10+zstd")], min_length=1)
     # Weight of the newest measurement in the per-client throughput estimate (EWMA).
     ewma_weight: float = Field(0.5, gt=0, le=1)
     # Throughput assumed for a client that declared none and has not been measured yet.
     assumed_link_mbps: float = Field(20.0, gt=0)
-
-    @field_validator("model_encoding")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return _check_tensor_encoding(v, allow_topk=False, allow_delta=True)
-
-    @field_validator("upload_encoding")
-    @classmethod
-    def _upload(cls, v: str) -> str:
-        return _check_tensor_encoding(v, allow_topk=True)
-
-    @field_validator("generator_encoding")
-    @classmethod
-    def _generator(cls, v: str) -> str:
-        return _check_generator_encoding(v)
-
-    @field_validator("model_ladder")
-    @classmethod
-    def _model_ladder(cls, v: list[str]) -> list[str]:
-        return [_check_tensor_encoding(x, allow_topk=False, allow_delta=True) for x in v]
-
-    @field_validator("upload_ladder")
-    @classmethod
-    def _upload_ladder(cls, v: list[str]) -> list[str]:
-        return [_check_tensor_encoding(x, allow_topk=True) for x in v]
-
-    @field_validator("generator_ladder")
-    @classmethod
-    def _generator_ladder(cls, v: list[str]) -> list[str]:
-        return [_check_generator_encoding(x) for x in v]
 
 
 class AuthConfig(_Section):
@@ -217,7 +232,8 @@ class AuthConfig(_Section):
     the config file need not hold them; the coordinator only ever keeps the hashes in memory."""
 
     # Tokens a device may present to Join. Empty (and no hashes) = no enrollment possible.
-    enrollment_tokens: list[str] = Field(default_factory=lambda: ["fedgen-demo-token"])
+    # The default is the demo's published token: refused on any address beyond loopback.
+    enrollment_tokens: list[str] = Field(default_factory=lambda: [DEMO_ENROLLMENT_TOKEN])
     enrollment_token_sha256: list[str] = Field(default_factory=list)
     # Token operators send to the Control service; None (and no hash) = Control needs none.
     operator_token: str | None = None
@@ -231,7 +247,7 @@ class AuthConfig(_Section):
     credential_ttl_s: float = Field(86_400.0, ge=0)
 
     @model_validator(mode="after")
-    def _check_tokens(self) -> "AuthConfig":
+    def _check_tokens(self) -> AuthConfig:
         for token in self.enrollment_tokens:
             if len(token) < 8:
                 raise ValueError("every enrollment token must be at least 8 characters")
@@ -253,8 +269,20 @@ class AuthConfig(_Section):
         return self.operator_token_sha256
 
 
+def check_exposure(address: str, auth: AuthConfig) -> None:
+    """Refuses to listen beyond loopback with a token anyone can read in this project's documentation."""
+    if is_loopback_address(address):
+        return
+    public = sorted(PUBLIC_TOKENS & {*auth.enrollment_tokens, auth.operator_token or ""})
+    if public:
+        raise ValueError(f"auth.enrollment_tokens: address {address!r} is reachable beyond this machine, and the "
+                         f"token(s) {public} are published in this project's documentation: set your own "
+                         "auth.enrollment_tokens (and auth.operator_token), or listen on 127.0.0.1")
+
+
 class CoordinatorConfig(_Section):
-    state_dir: str = "fedgen-state"
+    # Default: $XDG_STATE_HOME/fedgen/coordinator (~/.local/state/...); "~" is expanded.
+    state_dir: str = Field(default_factory=default_state_dir)
     server: ServerConfig = ServerConfig()
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
@@ -263,30 +291,41 @@ class CoordinatorConfig(_Section):
     auth: AuthConfig = AuthConfig()
     bandwidth: BandwidthConfig = BandwidthConfig()
 
+    @model_validator(mode="after")
+    def _no_public_tokens_beyond_loopback(self) -> CoordinatorConfig:
+        check_exposure(self.server.address, self.auth)
+        return self
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
 
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+        message = str(e["msg"]).removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{key}: {message}{got}" if key else message + got)
     return "; ".join(lines)
 
 
-def parse_config(raw: dict) -> CoordinatorConfig:
+def parse_config(raw: dict[str, Any]) -> CoordinatorConfig:
     try:
         return CoordinatorConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overrides.items():
         out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
     return out
 
 
-def load_config(path: Path | None, overrides: dict | None = None) -> CoordinatorConfig:
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> CoordinatorConfig:
     """Read and validate a TOML config file (None = defaults), with command-line overrides on top."""
     if path is None:
         return parse_config(_merge({}, overrides or {}))

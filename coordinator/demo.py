@@ -20,11 +20,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from coordinator.config import ConfigError, load_config
-from coordinator.local import LocalFederation, write_shards
-from coordinator.plots import plot_ledger
-from coordinator.wire import ledger_row_from_proto
-from fedcore.data import DataError, builtin_data_dir, load_idx_dataset
+from fedgen.coordinator.config import ConfigError, load_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.coordinator.ledger import LedgerRow
+from fedgen.coordinator.plots import plot_ledger
+from fedgen.coordinator.wire import ledger_row_from_proto
+from fedgen.core.data import DataError, builtin_data_dir, load_idx_dataset
 from fedgen.v1 import control_pb2
 
 
@@ -58,20 +59,23 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
-def _round_table(rows: list[dict[str, Any]], status: str) -> Table:
+def _round_table(rows: list[LedgerRow], status: str) -> Table:
     table = Table(title=f"FedGen federation — {status}", title_justify="left")
     for col in ("round", "clients", "test acc", "local acc", "loss", "down", "up", "sec"):
         table.add_column(col, justify="right")
     for r in rows[-15:]:
-        acc = r["test_accuracy"]
+        local = r.extras.get("federated_accuracy")
         table.add_row(
-            str(r["round"]), f"{r['completed']}/{r['cohort_size']}",
-            "—" if math.isnan(acc) else f"{100 * acc:.2f}%",
-            f"{100 * r['extras']['federated_accuracy']:.2f}%" if "federated_accuracy" in r.get("extras", {}) else "—",
-            "—" if math.isnan(r["test_loss"]) else f"{r['test_loss']:.3f}",
-            _fmt_bytes(r["bytes_down"]), _fmt_bytes(r["bytes_up"]), f"{r['round_seconds']:.2f}",
+            str(r.round), f"{r.completed}/{r.cohort_size}", _fmt_percent(r.test_accuracy),
+            "—" if local is None else f"{100 * local:.2f}%",
+            "—" if math.isnan(r.test_loss) else f"{r.test_loss:.3f}",
+            _fmt_bytes(r.bytes_down), _fmt_bytes(r.bytes_up), f"{r.round_seconds:.2f}",
         )
     return table
+
+
+def _fmt_percent(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -103,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(_histogram_table(hist, f"Non-IID split of {len(train)} images from {data_dir} "
                                          f"(Dirichlet alpha={args.alpha}, seed {args.seed})"))
     started = time.monotonic()
-    rows: list[dict[str, Any]] = []
+    rows: list[LedgerRow] = []
     with LocalFederation(config, shards, args.out) as fed:
         fed.start_coordinator()
         console.print(f"coordinator on {fed.address}; starting {args.clients} edge-client processes")
@@ -154,42 +158,42 @@ def _histogram_table(hist: Any, title: str) -> Table:
     return table
 
 
-def _summary(rows: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
-    accs = [r["test_accuracy"] for r in rows if not math.isnan(r["test_accuracy"])]
+def _summary(rows: list[LedgerRow], elapsed: float) -> dict[str, Any]:
+    accs = [r.test_accuracy for r in rows if not math.isnan(r.test_accuracy)]
     return {
         "rounds": len(rows),
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
-        "bytes_down_total": sum(r["bytes_down"] for r in rows),
-        "bytes_up_total": sum(r["bytes_up"] for r in rows),
-        "mean_round_seconds": sum(r["round_seconds"] for r in rows) / len(rows) if rows else None,
+        "bytes_down_total": sum(r.bytes_down for r in rows),
+        "bytes_up_total": sum(r.bytes_up for r in rows),
+        "mean_round_seconds": sum(r.round_seconds for r in rows) / len(rows) if rows else None,
         "wall_seconds": round(elapsed, 1),
         "encodings": _encodings(rows),
     }
 
 
-def _encodings(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """How many client-rounds travelled in each 'model / generator / upload' combination."""
+def _encodings(rows: list[LedgerRow]) -> dict[str, int]:
+    """How many client-rounds travelled in each 'model / artifacts / upload' combination."""
     combos = Counter(
-        " / ".join(c.get(k) or "-" for k in ("model_encoding", "generator_encoding", "upload_encoding"))
-        for r in rows for c in r["clients"] if c["outcome"] == "completed"
+        " / ".join([c.transfer.model_encoding or "-",
+                    ", ".join(c.transfer.artifact_encodings.values()) or "-", c.transfer.upload_encoding or "-"])
+        for r in rows for c in r.clients if c.outcome == "completed"
     )
     return dict(combos.most_common())
 
 
-def _print_summary(console: Console, rows: list[dict[str, Any]], elapsed: float, exit_codes: list[int | None]) -> None:
+def _print_summary(console: Console, rows: list[LedgerRow], elapsed: float, exit_codes: list[int | None]) -> None:
     s = _summary(rows, elapsed)
     console.print()
     table = Table(title="Summary", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    fmt = lambda v: "—" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     table.add_row("rounds committed", str(s["rounds"]))
-    table.add_row("final test accuracy", fmt(s["final_accuracy"]))
-    table.add_row("best test accuracy", fmt(s["best_accuracy"]))
+    table.add_row("final test accuracy", _fmt_percent(s["final_accuracy"]))
+    table.add_row("best test accuracy", _fmt_percent(s["best_accuracy"]))
     table.add_row("bytes down, total", _fmt_bytes(s["bytes_down_total"]))
     table.add_row("bytes up, total", _fmt_bytes(s["bytes_up_total"]))
-    client_rounds = sum(r["completed"] for r in rows)
+    client_rounds = sum(r.completed for r in rows)
     if client_rounds:
         table.add_row("bytes down per client per round", _fmt_bytes(s["bytes_down_total"] / client_rounds))
         table.add_row("bytes up per client per round", _fmt_bytes(s["bytes_up_total"] / client_rounds))

@@ -1,27 +1,22 @@
-"""Evaluation of the global model on held-out data (server side)."""
+"""The built-in classifier's contract with the round engine, and its evaluation on held-out data."""
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from fedcore.models import Classifier, ClassifierConfig, load_numpy_state
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    accuracy: float
-    loss: float
-    examples: int
+from fedgen.coordinator.model import EvalResult, ModelContract
+from fedgen.core.models import Classifier, ClassifierConfig, load_numpy_state, state_spec, state_to_numpy
+from fedgen.export.codec import State
 
 
 @torch.no_grad()
 def evaluate_state(
-    state: dict[str, np.ndarray],
-    images: np.ndarray,
-    labels: np.ndarray,
+    state: State,
+    images: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.int64],
     config: ClassifierConfig = ClassifierConfig(),
     batch_size: int = 1000,
 ) -> EvalResult:
@@ -38,3 +33,21 @@ def evaluate_state(
         correct += int((logits.argmax(1) == y).sum())
     n = len(labels)
     return EvalResult(correct / n if n else float("nan"), loss_sum / n if n else float("nan"), n)
+
+
+def classifier_contract(
+    config: ClassifierConfig = ClassifierConfig(),
+    test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | None = None,
+) -> ModelContract:
+    """FedGen's MNIST classifier: its state spec, a seeded initial model, evaluation on ``test_set``."""
+
+    def initial_state(seed: int) -> State:
+        torch.manual_seed(seed)
+        return state_to_numpy(Classifier(config))
+
+    def evaluate(state: State) -> EvalResult:
+        assert test_set is not None
+        return evaluate_state(state, *test_set, config)
+
+    return ModelContract(state_spec(Classifier(config)), config.n_classes, initial_state,
+                         evaluate if test_set is not None else None)

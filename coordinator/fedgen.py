@@ -7,24 +7,32 @@ exports the generator to ONNX for the next round. Round 0 is plain local trainin
 """
 from __future__ import annotations
 
-import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from coordinator.config import FedGenConfig, TrainingConfig
-from coordinator.generator import (
-    Generator, GeneratorConfig, GeneratorTrainConfig, Head, make_optimizer, train_generator,
+from fedgen.coordinator.config import BandwidthConfig, FedGenConfig, StrategyName, TrainingConfig
+from fedgen.coordinator.generator import (
+    Generator,
+    GeneratorConfig,
+    GeneratorTrainConfig,
+    Head,
+    make_optimizer,
+    train_generator,
 )
-from coordinator.strategy import GENERATOR_ONNX, Aggregate, ClientResult, FedAvg, RoundArtifact, State
-from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
-from export.onnx_export import export_generator_onnx
-
-_LOGGER = logging.getLogger(__name__)
+from fedgen.coordinator.strategy import Aggregate, ArtifactSpec, ClientResult, FedAvg, RoundArtifact
+from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from fedgen.export import generator_artifacts
+from fedgen.export.onnx_export import export_generator_onnx
 
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+#: The generator's artifact kind (fleet.proto ARTIFACT_KIND_GENERATOR_ONNX).
+GENERATOR_ONNX = "generator_onnx"
+#: What FedGen adds to every round's ledger row.
+METRICS = ("generator_diversity_loss", "generator_export_seconds", "generator_loss", "generator_on_cuda",
+           "generator_onnx_bytes", "generator_qualified_labels", "generator_seconds", "generator_teacher_loss")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,12 +43,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class FedGen(FedAvg):
-    name = "fedgen"
+def _can_make(encoding: Encoding) -> bool:
+    """4-bit weights need onnx-ir, which an installation may lack (looked up at call time)."""
+    return encoding.codec != "int4" or generator_artifacts.int4_available()
 
-    def __init__(self, training: TrainingConfig, config: FedGenConfig, seed: int = 0, n_classes: int = 10) -> None:
+
+class FedGen(FedAvg):
+    name: StrategyName = "fedgen"
+
+    def __init__(self, training: TrainingConfig, config: FedGenConfig, bandwidth: BandwidthConfig | None = None,
+                 seed: int = 0, n_classes: int = 10) -> None:
         super().__init__(training)
         self.config = config
+        bandwidth = bandwidth or BandwidthConfig()
+        self.generator_spec = ArtifactSpec(GENERATOR_ONNX, tuple(bandwidth.generator_ladder),
+                                           bandwidth.generator_encoding, generator_artifacts.generator_variant,
+                                           _can_make)
         self.device = resolve_device(config.device)
         self.gen_config = GeneratorConfig(n_classes=n_classes, noise=config.noise)
         self.train_config = GeneratorTrainConfig(
@@ -68,6 +86,12 @@ class FedGen(FedAvg):
             "generative_beta": max(1e-4, c.generative_beta * decay),
             "gen_batch_size": float(c.gen_batch_size),
         }
+
+    def artifact_specs(self) -> tuple[ArtifactSpec, ...]:
+        return (self.generator_spec,)
+
+    def metric_names(self) -> tuple[str, ...]:
+        return METRICS
 
     def round_artifacts(self, round_: int) -> list[RoundArtifact]:
         if self.trained_rounds == 0:
@@ -122,7 +146,7 @@ class FedGen(FedAvg):
                 tensors[f"opt.{i}.step"] = np.asarray(float(st["step"]), dtype=np.float32)
         tensors["meta.trained_rounds"] = np.asarray(self.trained_rounds, dtype=np.int64)
         tensors["meta.labels_seen"] = self.labels_seen.astype(np.uint8)
-        return bundle_to_bytes(encode_state(tensors, EncodingSpec()))
+        return bundle_to_bytes(encode_state(tensors, Encoding()))
 
     def load_state_bytes(self, data: bytes) -> None:
         tensors = decode_state(bundle_from_bytes(data))

@@ -32,11 +32,6 @@ class GeneratorConfig:
         return asdict(self)
 
 
-#: FedGen's GENERATORCONFIGS for the datasets we ship readers for.
-GENERATOR_CONFIGS = {
-    "mnist": GeneratorConfig(),
-    "fashion-mnist": GeneratorConfig(),
-}
 
 
 class Generator(nn.Module):

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fedgen.export.encoding import Encoding
+
 Direction = Literal["down", "up"]
 
 #: Throughput assumed for a client that declared none and has not been measured yet (bits/s).
@@ -28,7 +30,7 @@ MIN_OBSERVED_BYTES = 16 * 1024
 class Rung:
     """One encoding of one transfer and its size on the wire."""
 
-    name: str
+    encoding: Encoding
     size_bytes: int
 
 
@@ -36,7 +38,7 @@ class Rung:
 class Transfer:
     """Something a client must move this round, with its encodings, most faithful first."""
 
-    key: str  # "model", "generator", "upload"
+    key: str  # "model", "upload", or an artifact kind of the strategy
     direction: Direction
     rungs: tuple[Rung, ...]
 
@@ -59,10 +61,14 @@ class Link:
 
 @dataclass(frozen=True)
 class EncodingPlan:
-    choices: dict[str, str]  # transfer key -> encoding name
+    choices: dict[str, Encoding]  # transfer key -> encoding
     sizes: dict[str, int]
     expected_s: float
     fits: bool  # False: even the most compact encodings exceed the budget
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {key: encoding.name for key, encoding in self.choices.items()}
 
 
 def choose_encodings(transfers: list[Transfer], link: Link, budget_s: float) -> EncodingPlan:
@@ -102,7 +108,7 @@ def choose_encodings(transfers: list[Transfer], link: Link, budget_s: float) -> 
         level[best[1].key] = best[2]
     expected = total()
     return EncodingPlan(
-        choices={t.key: t.rungs[level[t.key]].name for t in transfers},
+        choices={t.key: t.rungs[level[t.key]].encoding for t in transfers},
         sizes={t.key: t.rungs[level[t.key]].size_bytes for t in transfers},
         expected_s=expected,
         fits=budget_s <= 0 or expected <= budget_s,
@@ -151,7 +157,7 @@ class LinkEstimator:
 
     def observe(self, client_id: str, direction: Direction, wire_bytes: int, seconds: float) -> float | None:
         """Folds in one timed transfer; returns its throughput, or None if too small to learn from."""
-        if wire_bytes < MIN_OBSERVED_BYTES or not (seconds > 0) or seconds != seconds:
+        if wire_bytes < MIN_OBSERVED_BYTES or not seconds > 0 or not math.isfinite(seconds):
             return None
         bps = 8.0 * wire_bytes / seconds
         table = self._down if direction == "down" else self._up

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,9 +18,9 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 
-from coordinator.config import CoordinatorConfig, parse_config
-from fedcore.data import Dataset, dirichlet_partition, label_histogram, label_restricted_test_split, save_shard
-from fedcore.transport import bearer_metadata, channel_options
+from fedgen.coordinator.config import CoordinatorConfig, parse_config
+from fedgen.core.data import Dataset, dirichlet_partition, label_histogram, label_restricted_test_split, save_shard
+from fedgen.core.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ class LocalFederation:
         port_file.unlink(missing_ok=True)
         log = open(self.work_dir / "coordinator.log", "ab")
         self.coordinator_proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "serve", "--config", str(config_path), "--port-file", str(port_file)],
+            [sys.executable, "-m", "fedgen.coordinator", "serve", "--config", str(config_path), "--port-file", str(port_file)],
             stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
         )
         deadline = time.monotonic() + timeout_s
@@ -142,7 +141,7 @@ class LocalFederation:
         client_id = shard.stem
         with open(self.work_dir / f"{client_id}.log", "ab") as log:  # the child keeps its own descriptor
             return subprocess.Popen(
-                [sys.executable, "-m", "edge_client", "--coordinator",
+                [sys.executable, "-m", "fedgen.edge", "--coordinator",
                  self.per_client_address.get(k) or self.client_address or self.address,
                  "--data", str(shard),
                  "--token", token, "--client-id", client_id, "--threads", str(self.client_threads),
@@ -212,11 +211,3 @@ def _child_env() -> dict[str, str]:
     env.setdefault("MKL_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def config_from_overrides(**sections: dict[str, Any]) -> CoordinatorConfig:
-    return parse_config({k: v for k, v in sections.items() if v})
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    return tomllib.loads(path.read_text())

@@ -10,14 +10,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator.auth import AuthInterceptor, RateLimiter
-from coordinator.config import CoordinatorConfig
-from coordinator.federation import Federation
-from coordinator.servicers import ControlServicer, FleetServicer
-from coordinator.store import StateStore
-from coordinator.strategy import make_strategy
-from fedcore.data import builtin_data_dir, load_idx_dataset, normalize_images
-from fedcore.transport import server_options, server_tls_credentials
+from fedgen.coordinator.auth import AuthInterceptor, RateLimiter
+from fedgen.coordinator.config import CoordinatorConfig, check_exposure
+from fedgen.coordinator.evaluation import classifier_contract
+from fedgen.coordinator.federation import Federation
+from fedgen.coordinator.file_blobs import FileBlobStore
+from fedgen.coordinator.servicers import ControlServicer, FleetServicer
+from fedgen.coordinator.sqlite_store import SqliteStateStore
+from fedgen.coordinator.strategy import make_strategy
+from fedgen.core.data import builtin_data_dir, load_idx_dataset, normalize_images
+from fedgen.core.models import ClassifierConfig
+from fedgen.core.transport import server_options, server_tls_credentials
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -26,13 +29,21 @@ FLEET_SERVICE = fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name
 CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
 
 
-def build_federation(config: CoordinatorConfig) -> Federation:
-    """The round engine with its store, strategy and held-out test set, as the config says."""
+async def build_federation(config: CoordinatorConfig) -> Federation:
+    """The federation the config describes, its state read from the store (a new one is created)."""
     data_dir = builtin_data_dir() if config.data.test_data_dir == "builtin" else Path(config.data.test_data_dir)
-    test = load_idx_dataset(data_dir, "test")
-    strategy = make_strategy(config.federation.strategy, config.training, config.fedgen, config.federation.seed)
-    store = StateStore(Path(config.state_dir))
-    return Federation(config, store, strategy, (normalize_images(test.images), test.labels))
+    test = await asyncio.to_thread(load_idx_dataset, data_dir, "test")
+    model = classifier_contract(ClassifierConfig(), (normalize_images(test.images), test.labels))
+    strategy = await asyncio.to_thread(make_strategy, config, model.n_classes)
+    state = config.state_path
+    store = await SqliteStateStore.open(state / "state.sqlite3")
+    federation = Federation(config, store, FileBlobStore(state / "blobs"), strategy, model)
+    try:
+        await federation.load()
+    except BaseException:
+        await store.close()
+        raise
+    return federation
 
 
 def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInterceptor]:
@@ -98,7 +109,7 @@ class RunningCoordinator:
             self.engine_task.cancel()
         if self.owns_server:
             await self.server.stop(grace_s)
-        self.federation.store.close()
+        await self.federation.close()
 
 
 async def mount(server: grpc.aio.Server, federation: Federation,
@@ -128,6 +139,7 @@ async def create_server(
 
     TLS comes from `credentials` when given, else from the config's `[server.tls]`, else none.
     """
+    check_exposure(address, federation.config.auth)
     tls = federation.config.server.tls
     if credentials is None and tls.enabled:
         assert tls.cert_file is not None and tls.key_file is not None
@@ -158,8 +170,7 @@ async def _run_engine(running: RunningCoordinator) -> None:
     fed = running.federation
 
     async def mark_serving_when_recovered() -> None:
-        while fed.recovering:
-            await asyncio.sleep(0.05)
+        await fed.wait_recovered()
         await running.set_serving(True)
 
     watcher = asyncio.create_task(mark_serving_when_recovered())

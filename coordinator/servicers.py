@@ -5,14 +5,15 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 
-from coordinator import errors, wire
-from coordinator.auth import check_operator
-from coordinator.federation import Federation
-from fedcore.transport import DEFAULT_CHUNK_BYTES, bearer_from_metadata, wire_bytes
+from fedgen.coordinator import errors, wire
+from fedgen.coordinator.auth import check_operator
+from fedgen.coordinator.federation import Federation
+from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_from_metadata, wire_bytes
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -20,31 +21,23 @@ _LOGGER = logging.getLogger(__name__)
 #: Smallest download chunk the server sends, whatever the client asks for.
 MIN_CHUNK_BYTES = 1024
 
-_STATUS = {
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
+_DECLINE_KINDS = {fleet_pb2.DECLINE_REASON_MEMORY: "memory", fleet_pb2.DECLINE_REASON_CONDITIONS: "conditions",
+                  fleet_pb2.DECLINE_REASON_ARTIFACT: "artifact"}
 
 F = TypeVar("F", bound=Callable[..., Any])
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _rpc_name(fn: Callable[..., Any]) -> str:
     return fn.__qualname__.replace("Servicer", "")
 
 
-async def _abort(context: grpc.aio.ServicerContext, name: str, err: errors.FederationError) -> None:
-    code = _STATUS[type(err)]
-    _LOGGER.info("[%s] %s: %s", name, code.name, err)
-    await context.abort(code, str(err))
+async def _abort(context: Context, name: str, err: errors.FederationError) -> None:
+    _LOGGER.info("[%s] %s: %s", name, err.code.name, err)
+    await context.abort(err.code, str(err))
 
 
-async def _internal(context: grpc.aio.ServicerContext, name: str) -> None:
+async def _internal(context: Context, name: str) -> None:
     _LOGGER.exception("[%s] unexpected error", name)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator (logged there)")
 
@@ -54,7 +47,7 @@ def unary_errors(fn: F) -> F:
     name = _rpc_name(fn)
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: Context) -> Any:
         try:
             return await fn(self, request, context)
         except errors.FederationError as err:
@@ -72,7 +65,7 @@ def stream_errors(fn: F) -> F:
     name = _rpc_name(fn)
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
         try:
             async for item in fn(self, request, context):
                 yield item
@@ -87,16 +80,17 @@ def stream_errors(fn: F) -> F:
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, federation: Federation, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_poll_wait_s: float = 20.0):
+    def __init__(self, federation: Federation, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_poll_wait_s: float = 20.0) -> None:
         self.fed = federation
         self.chunk_bytes = chunk_bytes
         self.max_poll_wait_s = max_poll_wait_s
 
-    def _client(self, context: grpc.aio.ServicerContext) -> str:
+    def _client(self, context: Context) -> str:
         return self.fed.authenticate(bearer_from_metadata(context.invocation_metadata()))
 
     @unary_errors
-    async def Join(self, request: fleet_pb2.JoinRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.JoinResponse:
+    async def Join(self, request: fleet_pb2.JoinRequest, context: Context) -> fleet_pb2.JoinResponse:
         client_id, credential = await self.fed.join(
             request.enrollment_token, wire.profile_from_proto(request.profile), request.requested_client_id
         )
@@ -105,9 +99,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                                       heartbeat_interval_ms=interval_ms, federation_id=self.fed.federation_id)
 
     @unary_errors
-    async def PollTask(self, request: fleet_pb2.PollTaskRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.Task:
+    async def PollTask(self, request: fleet_pb2.PollTaskRequest, context: Context) -> fleet_pb2.Task:
         client_id = self._client(context)
-        await self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
+        self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
         wait_s = min(request.max_wait_ms / 1000, self.max_poll_wait_s)
         task = wire.assignment_to_proto(await self.fed.poll(client_id, wait_s, request.held_models))
         if task.HasField("train"):
@@ -117,7 +111,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @stream_errors
     async def DownloadArtifact(
-        self, request: fleet_pb2.DownloadRequest, context: grpc.aio.ServicerContext
+        self, request: fleet_pb2.DownloadRequest, context: Context
     ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
         client_id = self._client(context)
         self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
@@ -138,7 +132,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @unary_errors
     async def UploadUpdate(
-        self, request_iterator: AsyncIterator[fleet_pb2.UploadMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[fleet_pb2.UploadMessage], context: Context
     ) -> fleet_pb2.UploadAck:
         client_id = self._client(context)
         stream = request_iterator.__aiter__()
@@ -149,7 +143,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         if not first.HasField("header"):
             raise errors.InvalidArgument("the first upload message must be an UpdateHeader")
         header = wire.upload_header_from_proto(first.header)
-        duplicate = self.fed.check_upload_header(client_id, header)
+        duplicate = await self.fed.check_upload_header(client_id, header)
         if duplicate is not None:
             _LOGGER.info("[Fleet.UploadUpdate] duplicate upload %s from %s acknowledged again",
                          header.idempotency_key, client_id)
@@ -164,8 +158,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             size += len(msg.chunk)
             received += wire_bytes(msg.ByteSize())
             if size > header.payload_bytes:
-                await self.fed.reject(client_id, header.round,
-                                      f"payload exceeds the declared {header.payload_bytes} bytes")
+                self.fed.reject(client_id, header.round, f"payload exceeds the declared {header.payload_bytes} bytes")
                 raise errors.InvalidArgument(f"payload exceeds the declared payload_bytes ({header.payload_bytes})")
             parts.append(msg.chunk)
         seconds = time.monotonic() - started
@@ -176,10 +169,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @unary_errors
     async def Heartbeat(
-        self, request: fleet_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+        self, request: fleet_pb2.HeartbeatRequest, context: Context
     ) -> fleet_pb2.HeartbeatResponse:
         client_id = self._client(context)
-        await self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
+        self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
         response = fleet_pb2.HeartbeatResponse(current_round=self.fed.current_round)
         self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
         self.fed.record_download(client_id, wire_bytes(response.ByteSize()))
@@ -187,7 +180,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @unary_errors
     async def DeclineTask(
-        self, request: fleet_pb2.DeclineTaskRequest, context: grpc.aio.ServicerContext
+        self, request: fleet_pb2.DeclineTaskRequest, context: Context
     ) -> fleet_pb2.DeclineTaskResponse:
         client_id = self._client(context)
         if request.reason == fleet_pb2.DECLINE_REASON_MEMORY:
@@ -198,13 +191,11 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             detail = request.detail[:200]
         else:
             raise errors.InvalidArgument("DeclineTask needs a reason (DECLINE_REASON_MEMORY, _CONDITIONS or _ARTIFACT)")
-        kind = {fleet_pb2.DECLINE_REASON_MEMORY: "memory", fleet_pb2.DECLINE_REASON_CONDITIONS: "conditions",
-                fleet_pb2.DECLINE_REASON_ARTIFACT: "artifact"}[request.reason]
-        await self.fed.decline(client_id, request.round, request.task_id, kind, detail)
+        self.fed.decline(client_id, request.round, request.task_id, _DECLINE_KINDS[request.reason], detail)
         return fleet_pb2.DeclineTaskResponse()
 
     @unary_errors
-    async def Leave(self, request: fleet_pb2.LeaveRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.LeaveResponse:
+    async def Leave(self, request: fleet_pb2.LeaveRequest, context: Context) -> fleet_pb2.LeaveResponse:
         client_id = self._client(context)
         await self.fed.leave(client_id)
         _LOGGER.info("[Fleet.Leave] %s left: %s", client_id, request.reason[:200])
@@ -212,27 +203,27 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
 
 class ControlServicer(control_pb2_grpc.ControlServicer):
-    def __init__(self, federation: Federation, operator_token_sha256: str | None = None):
+    def __init__(self, federation: Federation, operator_token_sha256: str | None = None) -> None:
         self.fed = federation
         self.operator_token_sha256 = operator_token_sha256
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    def _authorize(self, context: Context) -> None:
         check_operator(self.operator_token_sha256, bearer_from_metadata(context.invocation_metadata()))
 
     @unary_errors
-    async def GetStatus(self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+    async def GetStatus(self, request: control_pb2.GetStatusRequest, context: Context) -> control_pb2.Status:
         self._authorize(context)
         return wire.status_to_proto(self.fed.status())
 
     @unary_errors
-    async def GetLedger(self, request: control_pb2.GetLedgerRequest, context: grpc.aio.ServicerContext) -> control_pb2.Ledger:
+    async def GetLedger(self, request: control_pb2.GetLedgerRequest, context: Context) -> control_pb2.Ledger:
         self._authorize(context)
-        rows = await asyncio.to_thread(self.fed.store.ledger, request.from_round)
+        rows = await self.fed.ledger(request.from_round)
         return control_pb2.Ledger(rows=[wire.ledger_row_to_proto(r) for r in rows])
 
     @stream_errors
     async def StreamEvents(
-        self, request: control_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+        self, request: control_pb2.StreamEventsRequest, context: Context
     ) -> AsyncIterator[control_pb2.RoundEvent]:
         self._authorize(context)
         queue = self.fed.subscribe()
@@ -249,19 +240,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         finally:
             self.fed.unsubscribe(queue)
 
-    async def _control(self, action: Callable[[], Awaitable[None]], context: grpc.aio.ServicerContext) -> control_pb2.Status:
+    async def _control(self, action: Callable[[], None], context: Context) -> control_pb2.Status:
         self._authorize(context)
-        await action()
+        action()
         return wire.status_to_proto(self.fed.status())
 
     @unary_errors
-    async def Pause(self, request: control_pb2.PauseRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+    async def Pause(self, request: control_pb2.PauseRequest, context: Context) -> control_pb2.Status:
         return await self._control(self.fed.pause, context)
 
     @unary_errors
-    async def Resume(self, request: control_pb2.ResumeRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+    async def Resume(self, request: control_pb2.ResumeRequest, context: Context) -> control_pb2.Status:
         return await self._control(self.fed.resume, context)
 
     @unary_errors
-    async def Stop(self, request: control_pb2.StopRequest, context: grpc.aio.ServicerContext) -> control_pb2.Status:
+    async def Stop(self, request: control_pb2.StopRequest, context: Context) -> control_pb2.Status:
         return await self._control(self.fed.stop, context)

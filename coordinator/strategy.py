@@ -1,18 +1,22 @@
 """Strategies behind one narrow interface: configure a round, aggregate a round.
 
+A strategy owns everything algorithm-specific the round engine moves without understanding: the
+parameters it sends clients, the artifacts it ships beside the global model (with the encodings
+each may travel in), the figures it adds to the ledger, and the state it keeps across restarts.
 Aggregation is a pure function of the clients' results; strategies never touch sockets.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from coordinator.config import FedGenConfig, TrainingConfig
-
-State = dict[str, np.ndarray]
+from fedgen.coordinator.config import CoordinatorConfig, StrategyName, TrainingConfig
+from fedgen.export.codec import State
+from fedgen.export.encoding import Encoding
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,11 @@ class RoundPlan:
     learning_rate: float
     params: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def max_trained_examples(self) -> int:
+        """The most examples a client can have trained on in this round (steps x batch size)."""
+        return self.local_steps * self.batch_size
+
 
 @dataclass(frozen=True)
 class ClientResult:
@@ -34,40 +43,51 @@ class ClientResult:
     metrics: Mapping[str, float]
 
 
-#: Kind of the FedGen generator artifact (an ONNX file) in RoundArtifact and the round store.
-GENERATOR_ONNX = "generator_onnx"
-
-
 @dataclass(frozen=True)
 class RoundArtifact:
     """Something besides the global model that every client of a round must hold."""
 
-    kind: str  # GENERATOR_ONNX
+    kind: str  # one of the strategy's ArtifactSpec kinds
     data: bytes
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """One kind of artifact a strategy ships, and how it may travel.
+
+    ``kind`` is the lower-case name of a ``fleet.proto`` ArtifactKind (``generator_onnx`` for
+    ARTIFACT_KIND_GENERATOR_ONNX). ``encode`` makes the artifact in another encoding from the
+    one the strategy produced (blocking: the engine calls it in a worker thread); ``available``
+    says whether this installation can make an encoding at all.
+    """
+
+    kind: str
+    ladder: tuple[Encoding, ...]  # most faithful first (the adaptive policy chooses among them)
+    fixed: Encoding  # what the fixed policy sends
+    encode: Callable[[bytes, Encoding], bytes]
+    available: Callable[[Encoding], bool] = lambda encoding: True
 
 
 @dataclass(frozen=True)
 class Aggregate:
     state: State
-    # Strategy-specific figures for the ledger (e.g. generator loss for FedGen).
+    # Strategy-specific figures for the ledger (their names: Strategy.metric_names).
     extras: dict[str, float] = field(default_factory=dict)
 
 
 def weighted_average(states: Sequence[tuple[State, float]]) -> State:
     """FedAvg: sum_k (n_k / sum n) * w_k for float tensors.
 
-    Integer tensors (BatchNorm's num_batches_tracked) are counters, not weights: the
-    result keeps the largest, so it stays a count rather than a meaningless mean.
+    Integer tensors (BatchNorm's num_batches_tracked) are counters, not weights: the result keeps
+    the largest, so it stays a count rather than a meaningless mean.
     """
     if not states:
         raise ValueError("cannot average zero states")
     total = float(sum(w for _, w in states))
     if not total > 0:
         raise ValueError(f"total weight must be positive, got {total}")
-    keys = list(states[0][0])
     out: State = {}
-    for key in keys:
-        first = states[0][0][key]
+    for key, first in states[0][0].items():
         if np.issubdtype(first.dtype, np.floating):
             acc = np.zeros(first.shape, dtype=np.float64)
             for state, weight in states:
@@ -79,7 +99,7 @@ def weighted_average(states: Sequence[tuple[State, float]]) -> State:
 
 
 class Strategy(ABC):
-    name: str
+    name: StrategyName
 
     def __init__(self, training: TrainingConfig) -> None:
         self.training = training
@@ -91,9 +111,17 @@ class Strategy(ABC):
     def round_params(self, round_: int) -> dict[str, float]:
         return {}
 
+    def artifact_specs(self) -> tuple[ArtifactSpec, ...]:
+        """The kinds of artifact ``round_artifacts`` may return (none for FedAvg)."""
+        return ()
+
     def round_artifacts(self, round_: int) -> list[RoundArtifact]:
-        """Extra artifacts for this round's clients (FedGen: the generator)."""
+        """Extra artifacts for this round's clients (blocking: called in a worker thread)."""
         return []
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The ledger extras ``aggregate_round`` reports (the ledger's CSV has a column for each)."""
+        return ()
 
     def label_space(self, n_classes: int) -> list[int]:
         """Labels clients may sample for a generator regulariser (all, unless a strategy knows better)."""
@@ -112,7 +140,7 @@ class Strategy(ABC):
 
 
 class FedAvg(Strategy):
-    name = "fedavg"
+    name: StrategyName = "fedavg"
 
     def aggregate_round(self, round_: int, results: Sequence[ClientResult], global_state: State) -> Aggregate:
         return Aggregate(weighted_average([(r.state, r.num_examples) for r in results]))
@@ -121,22 +149,19 @@ class FedAvg(Strategy):
 class FedProx(FedAvg):
     """FedAvg aggregation; clients add (mu/2)·||w - w_global||² to their loss."""
 
-    name = "fedprox"
+    name: StrategyName = "fedprox"
 
     def round_params(self, round_: int) -> dict[str, float]:
         return {"proximal_mu": self.training.proximal_mu}
 
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedgen")
-
-
-def make_strategy(name: str, training: TrainingConfig, fedgen: FedGenConfig | None = None, seed: int = 0) -> Strategy:
+def make_strategy(config: CoordinatorConfig, n_classes: int) -> Strategy:
+    """The strategy the config names (FedGen's torch-heavy generator code is imported only for it)."""
+    name = config.federation.strategy
     if name == "fedavg":
-        return FedAvg(training)
+        return FedAvg(config.training)
     if name == "fedprox":
-        return FedProx(training)
-    if name == "fedgen":
-        from coordinator.fedgen import FedGen  # torch-heavy generator code only when asked for
+        return FedProx(config.training)
+    from fedgen.coordinator.fedgen import FedGen
 
-        return FedGen(training, fedgen or FedGenConfig(), seed)
-    raise ValueError(f"unknown strategy {name!r}; available: {', '.join(STRATEGY_NAMES)}")
+    return FedGen(config.training, config.fedgen, config.bandwidth, config.federation.seed, n_classes)

@@ -1,78 +1,100 @@
 """What each client downloads and uploads this round, in which encoding, and what it cost.
 
-The round's global model and generator exist in every encoding of their ladders (content-
-addressed blobs, made once per round). Each client gets a plan from ``link_policy`` when it
-first polls the round's task; the timings of its transfers teach the link estimate for the
-next round. Only this module and ``link_policy`` know about encodings on the server side.
+The round's global model and the strategy's artifacts exist in every encoding of their ladders
+(content-addressed blobs, made once per round). Each client gets a plan from ``link_policy`` when
+it first polls the round's task; the timings of its transfers teach the link estimate for the
+next round. Nothing here knows what an artifact is for: the strategy's ``ArtifactSpec`` says how
+each kind is re-encoded.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable
 
-from coordinator.config import BandwidthConfig
-from coordinator.link_policy import DownloadTiming, EncodingPlan, LinkEstimator, Rung, Transfer, choose_encodings
-from coordinator.store import BlobStore
-from export.codec import (EncodingSpec, apply_delta, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state,
-                          estimate_encoded_bytes, state_delta)
-from fedcore.transport import wire_bytes
+from fedgen.coordinator.config import BandwidthConfig
+from fedgen.coordinator.ledger import ClientTransfer
+from fedgen.coordinator.link_policy import DownloadTiming, LinkEstimator, Rung, Transfer, choose_encodings
+from fedgen.coordinator.records import ArtifactRecord
+from fedgen.coordinator.store import BlobStore
+from fedgen.coordinator.strategy import ArtifactSpec
+from fedgen.core.transport import wire_bytes
+from fedgen.export.codec import (
+    Encoding,
+    State,
+    apply_delta,
+    bundle_from_bytes,
+    bundle_to_bytes,
+    decode_state,
+    encode_state,
+    estimate_encoded_bytes,
+    state_delta,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
-MODEL, GENERATOR, UPLOAD = "model", "generator", "upload"
-DELTA = "delta-"
+MODEL, UPLOAD = "model", "upload"
 #: Model artifacts whose decoded state the planner remembers (for deltas against them).
 MATERIALIZED_KEEP = 4096
+_FP32 = Encoding()
 
 
 @dataclass(frozen=True)
 class Variant:
-    name: str
+    encoding: Encoding
     sha256: str
     size: int
+
+    @property
+    def name(self) -> str:
+        return self.encoding.name
 
 
 @dataclass
 class RoundVariants:
-    """The round's artifacts in each encoding: model (name -> Variant) and generator likewise."""
+    """The round's model (plain encodings) and each artifact kind, in every encoding the policy may pick."""
 
-    model: dict[str, Variant] = field(default_factory=dict)
-    generator: dict[str, Variant] = field(default_factory=dict)
     model_sha: str = ""  # the round's model (fp32), which deltas are made from
+    model: dict[Encoding, Variant] = field(default_factory=dict)
+    artifacts: dict[str, dict[Encoding, Variant]] = field(default_factory=dict)
 
     def digests(self) -> set[str]:
-        return {v.sha256 for v in [*self.model.values(), *self.generator.values()]}
+        variants = [*self.model.values(), *(v for by_encoding in self.artifacts.values() for v in by_encoding.values())]
+        return {v.sha256 for v in variants}
+
+    def model_bases(self) -> set[str]:
+        """Every artifact a client of this round may have decoded its model from."""
+        return {self.model_sha} | {v.sha256 for v in self.model.values()}
 
 
 @dataclass(frozen=True)
 class ClientPlan:
     model: Variant
-    generator: Variant | None
-    upload_encoding: str
+    artifacts: dict[str, Variant]  # artifact kind -> the variant this client gets
+    upload: Encoding
     estimated_down_bps: float
     estimated_up_bps: float
     expected_s: float
 
-    def ledger_fields(self) -> dict[str, Any]:
-        return {
-            "model_encoding": self.model.name,
-            "generator_encoding": self.generator.name if self.generator else "",
-            "upload_encoding": self.upload_encoding,
-            "estimated_down_bps": round(self.estimated_down_bps, 1),
-            "estimated_up_bps": round(self.estimated_up_bps, 1),
-            "expected_transfer_seconds": round(self.expected_s, 4),
-        }
+    def ledger_transfer(self) -> ClientTransfer:
+        return ClientTransfer(
+            model_encoding=self.model.name, upload_encoding=self.upload.name,
+            artifact_encodings={kind: v.name for kind, v in self.artifacts.items()},
+            estimated_down_bps=round(self.estimated_down_bps, 1), estimated_up_bps=round(self.estimated_up_bps, 1),
+            expected_transfer_seconds=round(self.expected_s, 4),
+        )
 
 
 class TransferPlanner:
-    def __init__(self, config: BandwidthConfig, blobs: BlobStore,
-                 tensor_shapes: dict[str, tuple[tuple[int, ...], bool]]) -> None:
+    def __init__(self, config: BandwidthConfig, blobs: BlobStore, tensor_shapes: Mapping[str, tuple[tuple[int, ...], bool]],
+                 artifact_specs: Sequence[ArtifactSpec] = ()) -> None:
         self.config = config
         self.blobs = blobs
-        self.shapes = tensor_shapes
+        self.shapes = dict(tensor_shapes)
+        self.specs = {spec.kind: spec for spec in artifact_specs}
         self.estimator = LinkEstimator(weight=config.ewma_weight, assumed_bps=config.assumed_link_mbps * 1e6)
-        self._upload_sizes: dict[str, int] = {}  # last measured wire size of an upload per encoding
+        self._upload_sizes: dict[Encoding, int] = {}  # last measured wire size of an upload per encoding
         self._cache: dict[tuple[str, ...], Variant] = {}
         # Model artifact id -> blob of the fp32 state a client holds once it has decoded it.
         self._materialized: dict[str, str] = {}
@@ -81,114 +103,110 @@ class TransferPlanner:
     def adaptive(self) -> bool:
         return self.config.policy == "adaptive"
 
-    def _names(self, ladder: list[str], fixed: str) -> list[str]:
+    def _choices(self, ladder: Sequence[Encoding], fixed: Encoding) -> list[Encoding]:
         return list(ladder) if self.adaptive else [fixed]
 
     # ----------------------------------------------------------- variants
-    def _remember(self, artifact_id: str, state: dict[str, Any]) -> None:
-        """What a client holds after decoding `artifact_id`, for differences against it later."""
-        self._materialized[artifact_id] = self.blobs.put(bundle_to_bytes(encode_state(state, EncodingSpec())))
+    def _remember(self, artifact_id: str, state: State) -> None:
+        """What a client holds after decoding ``artifact_id``, for differences against it later."""
+        self._materialized[artifact_id] = self.blobs.put(bundle_to_bytes(encode_state(state, _FP32)))
         while len(self._materialized) > MATERIALIZED_KEEP:
             self._materialized.pop(next(iter(self._materialized)))
 
-    def _model_variant(self, model_sha: str, name: str) -> Variant:
-        key = (model_sha, name)
+    def _model_variant(self, model_sha: str, encoding: Encoding) -> Variant:
+        key = (model_sha, encoding.name)
         if key not in self._cache:
-            if name == "fp32":  # the stored model is already this encoding
+            if encoding == _FP32:  # the stored model is already this encoding
                 data = self.blobs.get(model_sha)
                 self._materialized[model_sha] = model_sha
             else:
                 state = decode_state(bundle_from_bytes(self.blobs.get(model_sha)))
-                data = bundle_to_bytes(encode_state(state, EncodingSpec.parse(name)))
-            self._cache[key] = Variant(name, self.blobs.put(data), len(data))
-            if name != "fp32":
+                data = bundle_to_bytes(encode_state(state, encoding))
+            self._cache[key] = Variant(encoding, self.blobs.put(data), len(data))
+            if encoding != _FP32:
                 self._remember(self._cache[key].sha256, decode_state(bundle_from_bytes(data)))
         return self._cache[key]
 
-    def delta_variant(self, model_sha: str, held: list[str], name: str) -> Variant | None:
-        """The round's model as ``name`` ("delta-int8+zstd", ...): its difference against the
-        first model in ``held`` whose decoded state is known here; None when there is none."""
+    def delta_variant(self, model_sha: str, held: Sequence[str], encoding: Encoding) -> Variant | None:
+        """The round's model as a ``delta-`` encoding: its difference against the first model in
+        ``held`` whose decoded state is known here; None when there is none."""
         base_id = next((h for h in held if h in self._materialized), None)
         if base_id is None:
             return None
-        key = (model_sha, base_id, name)
+        key = (model_sha, base_id, encoding.name)
         if key not in self._cache:
             base = decode_state(bundle_from_bytes(self.blobs.get(self._materialized[base_id])))
             target = decode_state(bundle_from_bytes(self.blobs.get(model_sha)))
-            data = bundle_to_bytes(encode_state(state_delta(target, base), EncodingSpec.parse(name[len(DELTA):]),
-                                                base_sha256=base_id))
-            self._cache[key] = Variant(name, self.blobs.put(data), len(data))
+            data = bundle_to_bytes(encode_state(state_delta(target, base), encoding.plain(), base_sha256=base_id))
+            self._cache[key] = Variant(encoding, self.blobs.put(data), len(data))
             self._remember(self._cache[key].sha256, apply_delta(base, decode_state(bundle_from_bytes(data))))
         return self._cache[key]
 
-    def _generator_variant(self, onnx_sha: str, name: str) -> Variant:
-        key = (onnx_sha, name)
+    def _artifact_variant(self, spec: ArtifactSpec, sha: str, encoding: Encoding) -> Variant:
+        key = (sha, encoding.name)
         if key not in self._cache:
-            if name == "fp32":
-                data = self.blobs.get(onnx_sha)
-            else:
-                from export.generator_artifacts import generator_variant  # onnx + quantisers: coordinator only
-
-                data = generator_variant(self.blobs.get(onnx_sha), name)
-            self._cache[key] = Variant(name, self.blobs.put(data), len(data))
+            data = self.blobs.get(sha) if encoding == _FP32 else spec.encode(self.blobs.get(sha), encoding)
+            self._cache[key] = Variant(encoding, self.blobs.put(data), len(data))
         return self._cache[key]
 
-    def prepare(self, model_sha: str, generator_sha: str | None) -> RoundVariants:
+    def prepare(self, model_sha: str, artifacts: Sequence[ArtifactRecord] = ()) -> RoundVariants:
         """Every encoding the policy may pick this round (blocking: run it in a worker thread)."""
-        from export.generator_artifacts import int4_available
-
         variants = RoundVariants(model_sha=model_sha)
-        for name in self._names(self.config.model_ladder, self.config.model_encoding):
+        for encoding in self._choices(self.config.model_ladder, self.config.model_encoding):
             # A delta is made per client when it polls; its plain encoding is the fallback.
-            plain = name.removeprefix(DELTA)
-            variants.model[plain] = self._model_variant(model_sha, plain)
-        if generator_sha is not None:
-            for name in self._names(self.config.generator_ladder, self.config.generator_encoding):
-                if name.startswith("int4") and not int4_available():
-                    _LOGGER.warning("generator encoding %s skipped: onnx-ir is not installed", name)
+            variants.model[encoding.plain()] = self._model_variant(model_sha, encoding.plain())
+        for artifact in artifacts:
+            spec = self.specs[artifact.kind]
+            made = variants.artifacts[artifact.kind] = {}
+            for encoding in self._choices(spec.ladder, spec.fixed):
+                if not spec.available(encoding):
+                    _LOGGER.warning("%s encoding %s skipped: this installation cannot make it (for int4: "
+                                    "onnx-ir is not installed)", artifact.kind, encoding)
                     continue
-                variants.generator[name] = self._generator_variant(generator_sha, name)
-        self._cache = {k: v for k, v in self._cache.items() if k[0] in (model_sha, generator_sha)}
+                made[encoding] = self._artifact_variant(spec, artifact.sha256, encoding)
+            if not made:
+                made[_FP32] = self._artifact_variant(spec, artifact.sha256, _FP32)
+        keep = {model_sha, *(a.sha256 for a in artifacts)}
+        self._cache = {k: v for k, v in self._cache.items() if k[0] in keep}
         return variants
 
-    def _model_rungs(self, client_id: str, variants: RoundVariants, held: list[str]) -> list[Variant]:
+    def _model_rungs(self, variants: RoundVariants, held: Sequence[str]) -> list[Variant]:
         rungs = []
-        for name in self._names(self.config.model_ladder, self.config.model_encoding):
-            if name.startswith(DELTA):
-                delta = self.delta_variant(variants.model_sha, held, name) if held else None
+        for encoding in self._choices(self.config.model_ladder, self.config.model_encoding):
+            if encoding.delta:
+                delta = self.delta_variant(variants.model_sha, held, encoding) if held else None
                 if delta is not None:
                     rungs.append(delta)
                 elif not self.adaptive:  # fixed policy: the plain encoding when nothing is held
-                    rungs.append(variants.model[name[len(DELTA):]])
+                    rungs.append(variants.model[encoding.plain()])
             else:
-                rungs.append(variants.model[name])
+                rungs.append(variants.model[encoding])
         return rungs
 
     # --------------------------------------------------------------- plans
-    def _upload_size(self, name: str) -> int:
-        if name in self._upload_sizes:
-            return self._upload_sizes[name]
-        return wire_bytes(estimate_encoded_bytes(self.shapes, EncodingSpec.parse(name)))
+    def _upload_size(self, encoding: Encoding) -> int:
+        if encoding in self._upload_sizes:
+            return self._upload_sizes[encoding]
+        return wire_bytes(estimate_encoded_bytes(self.shapes, encoding))
 
-    def plan(self, client_id: str, variants: RoundVariants, held: list[str] | None = None) -> ClientPlan:
+    def plan(self, client_id: str, variants: RoundVariants, held: Sequence[str] = ()) -> ClientPlan:
         """The client's encodings for this round; ``held``: the models it says it holds decoded."""
         link = self.estimator.link(client_id)
-        models = {v.name: v for v in self._model_rungs(client_id, variants, held or [])}
-        transfers = [Transfer(MODEL, "down", tuple(Rung(v.name, v.size) for v in models.values()))]
-        if variants.generator:
-            transfers.append(Transfer(GENERATOR, "down",
-                                      tuple(Rung(v.name, v.size) for v in variants.generator.values())))
-        uploads = self._names(self.config.upload_ladder, self.config.upload_encoding)
-        transfers.append(Transfer(UPLOAD, "up", tuple(Rung(n, self._upload_size(n)) for n in uploads)))
+        models = {v.encoding: v for v in self._model_rungs(variants, held)}
+        transfers = [Transfer(MODEL, "down", tuple(Rung(v.encoding, v.size) for v in models.values()))]
+        transfers += [Transfer(kind, "down", tuple(Rung(v.encoding, v.size) for v in by_encoding.values()))
+                      for kind, by_encoding in variants.artifacts.items()]
+        uploads = self._choices(self.config.upload_ladder, self.config.upload_encoding)
+        transfers.append(Transfer(UPLOAD, "up", tuple(Rung(e, self._upload_size(e)) for e in uploads)))
         budget = self.config.transfer_budget_s * self.config.budget_headroom if self.adaptive else 0.0
-        chosen: EncodingPlan = choose_encodings(transfers, link, budget)
+        chosen = choose_encodings(transfers, link, budget)
         if not chosen.fits:
             _LOGGER.warning("%s: even the most compact encodings need %.1fs, over the %.1fs budget",
                             client_id, chosen.expected_s, budget)
         return ClientPlan(
             model=models[chosen.choices[MODEL]],
-            generator=variants.generator[chosen.choices[GENERATOR]] if variants.generator else None,
-            upload_encoding=chosen.choices[UPLOAD],
+            artifacts={kind: by_encoding[chosen.choices[kind]] for kind, by_encoding in variants.artifacts.items()},
+            upload=chosen.choices[UPLOAD],
             estimated_down_bps=link.down_bps, estimated_up_bps=link.up_bps, expected_s=chosen.expected_s,
         )
 
@@ -201,6 +219,6 @@ class TransferPlanner:
             total += t.seconds
         return total
 
-    def observe_upload(self, client_id: str, encoding: str, nbytes: int, seconds: float) -> None:
+    def observe_upload(self, client_id: str, encoding: Encoding, nbytes: int, seconds: float) -> None:
         self.estimator.observe(client_id, "up", nbytes, seconds)
         self._upload_sizes[encoding] = nbytes

@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-State = dict[str, np.ndarray]
-Spec = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+from fedgen.coordinator.errors import InvalidArgument
+from fedgen.coordinator.model import StateSpec
+from fedgen.export.codec import State
 
 #: Absurd example counts are rejected rather than allowed to dominate a weighted average.
 MAX_NUM_EXAMPLES = 100_000_000
 
 
-class UpdateRejected(ValueError):
+class UpdateRejected(InvalidArgument):
     """The update is invalid; the message names the offending tensor or field."""
 
 
-def validate_state(state: State, spec: Spec) -> None:
+def validate_state(state: State, spec: StateSpec) -> None:
     missing = [k for k in spec if k not in state]
     if missing:
         raise UpdateRejected(f"update is missing tensor(s) {missing}")

@@ -1,22 +1,27 @@
-"""Coordinator-side conversions between the round engine's domain objects and fedgen.v1 messages.
+"""Coordinator-side conversions between the domain's records and ``fedgen.v1`` messages.
 
-Only this module and the servicers import the generated `_pb2` modules on the server side.
+Only this module and the servicers import the generated ``_pb2`` modules on the server side.
+Every field is mapped by name, both ways, so a field added on one side and not the other fails
+the round-trip tests instead of vanishing.
 """
+
 from __future__ import annotations
 
-import math
-from typing import Any
+from dataclasses import asdict
+from typing import cast, get_args
 
-from google.protobuf import json_format
-
-from coordinator.federation import (
-    Assignment, DoneAssignment, Event, TrainAssignment, UploadHeader, UploadResult, WaitAssignment,
-)
-from coordinator.link_policy import DownloadTiming
-from coordinator.strategy import GENERATOR_ONNX
+from fedgen.coordinator.assignments import Assignment, DoneAssignment, TrainAssignment, WaitAssignment
+from fedgen.coordinator.engine import FederationStatus
+from fedgen.coordinator.events import Event, EventKind
+from fedgen.coordinator.intake import UploadHeader, UploadResult
+from fedgen.coordinator.ledger import ClientEntry, ClientTransfer, LedgerRow, Outcome, SkippedClient
+from fedgen.coordinator.link_policy import DownloadTiming
+from fedgen.coordinator.records import ClientProfile
+from fedgen.coordinator.transfers import Variant
+from fedgen.export.tensor_codecs import codec_for
 from fedgen.v1 import control_pb2, fleet_pb2, tensor_pb2
 
-_EVENT_KINDS = {
+_EVENT_KINDS: dict[EventKind, control_pb2.RoundEvent.Kind.ValueType] = {
     "opened": control_pb2.RoundEvent.KIND_ROUND_OPENED,
     "accepted": control_pb2.RoundEvent.KIND_UPDATE_ACCEPTED,
     "rejected": control_pb2.RoundEvent.KIND_UPDATE_REJECTED,
@@ -25,55 +30,55 @@ _EVENT_KINDS = {
     "finished": control_pb2.RoundEvent.KIND_FEDERATION_FINISHED,
     "joined": control_pb2.RoundEvent.KIND_CLIENT_JOINED,
 }
-_TENSOR_ENCODINGS = {"fp32": tensor_pb2.ENCODING_RAW, "fp16": tensor_pb2.ENCODING_FP16, "int8": tensor_pb2.ENCODING_INT8}
-_ARTIFACT_KINDS = {GENERATOR_ONNX: fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX}
 _STATES = {
     "waiting_for_clients": control_pb2.FEDERATION_STATE_WAITING_FOR_CLIENTS,
     "training": control_pb2.FEDERATION_STATE_TRAINING,
     "paused": control_pb2.FEDERATION_STATE_PAUSED,
     "finished": control_pb2.FEDERATION_STATE_FINISHED,
 }
+#: The artifact kind the contract had before kinds became a map (ClientRoundEntry.generator_encoding).
+_GENERATOR_KIND = "generator_onnx"
+MAX_PLATFORM_CHARS = 200
 
 
-def profile_from_proto(p: fleet_pb2.DeviceProfile) -> dict[str, Any]:
-    return {
-        "memory_budget_mb": p.memory_budget_mb,
-        "link_down_bps": p.link_down_bps,
-        "link_up_bps": p.link_up_bps,
-        "supported_encodings": [tensor_pb2.Encoding.Name(e) if e in tensor_pb2.Encoding.values() else int(e)
-                                for e in p.supported_encodings],
-        "platform": p.platform[:200],
-        "num_examples": p.num_examples,
-        "available_memory_mb": p.available_memory_mb,
-    }
+def artifact_kind(kind: str) -> fleet_pb2.ArtifactKind.ValueType:
+    """A strategy's artifact kind as the contract's enum: ``generator_onnx`` -> ARTIFACT_KIND_GENERATOR_ONNX."""
+    return fleet_pb2.ArtifactKind.Value(f"ARTIFACT_KIND_{kind.upper()}")
+
+
+def profile_from_proto(p: fleet_pb2.DeviceProfile) -> ClientProfile:
+    return ClientProfile(
+        memory_budget_mb=p.memory_budget_mb, link_down_bps=p.link_down_bps, link_up_bps=p.link_up_bps,
+        supported_encodings=tuple(tensor_pb2.Encoding.Name(e) if e in tensor_pb2.Encoding.values() else str(int(e))
+                                  for e in p.supported_encodings),
+        platform=p.platform[:MAX_PLATFORM_CHARS], num_examples=p.num_examples,
+        available_memory_mb=p.available_memory_mb,
+    )
+
+
+def _artifact_ref(variant: Variant, kind: fleet_pb2.ArtifactKind.ValueType) -> fleet_pb2.ArtifactRef:
+    encoding = variant.encoding
+    ref = fleet_pb2.ArtifactRef(
+        artifact_id=variant.sha256, size_bytes=variant.size, kind=kind, encoding_name=encoding.name,
+        compression=tensor_pb2.COMPRESSION_ZSTD if encoding.zstd else tensor_pb2.COMPRESSION_NONE,
+    )
+    if kind == fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL:  # the tensors' encoding (an ONNX artifact has none)
+        ref.encoding = codec_for(encoding.plain()).wire
+        ref.compression = tensor_pb2.COMPRESSION_NONE  # a bundle's tensors say their own compression
+    return ref
 
 
 def assignment_to_proto(a: Assignment) -> fleet_pb2.Task:
     if isinstance(a, TrainAssignment):
         return fleet_pb2.Task(train=fleet_pb2.TrainTask(
-            round=a.round,
-            task_id=a.task_id,
-            deadline_unix_ms=a.deadline_unix_ms,
+            round=a.round, task_id=a.task_id, deadline_unix_ms=a.deadline_unix_ms,
             config=fleet_pb2.TrainConfig(
-                local_steps=a.plan.local_steps, batch_size=a.plan.batch_size,
-                learning_rate=a.plan.learning_rate, strategy=a.strategy, params=a.plan.params,
-                upload_encoding=a.upload_encoding,
+                local_steps=a.plan.local_steps, batch_size=a.plan.batch_size, learning_rate=a.plan.learning_rate,
+                strategy=a.strategy, params=a.plan.params, upload_encoding=a.upload_encoding.name,
             ),
-            global_model=fleet_pb2.ArtifactRef(
-                artifact_id=a.model_sha256, size_bytes=a.model_size,
-                kind=fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL, encoding=_TENSOR_ENCODINGS[a.model_encoding.removeprefix("delta-").split("+")[0]],
-                encoding_name=a.model_encoding,
-            ),
+            global_model=_artifact_ref(a.model, fleet_pb2.ARTIFACT_KIND_GLOBAL_MODEL),
             label_space=list(a.label_space),
-            extra_artifacts=[
-                fleet_pb2.ArtifactRef(
-                    artifact_id=x["sha256"], size_bytes=x["size"], kind=_ARTIFACT_KINDS[x["kind"]],
-                    encoding_name=x.get("encoding_name", "fp32"),
-                    compression=(tensor_pb2.COMPRESSION_ZSTD if x.get("encoding_name", "").endswith("+zstd")
-                                 else tensor_pb2.COMPRESSION_NONE),
-                )
-                for x in a.extra_artifacts
-            ],
+            extra_artifacts=[_artifact_ref(o.variant, artifact_kind(o.kind)) for o in a.artifacts],
         ))
     if isinstance(a, WaitAssignment):
         return fleet_pb2.Task(wait=fleet_pb2.WaitTask(retry_after_ms=a.retry_after_ms, reason=a.reason))
@@ -95,25 +100,58 @@ def upload_result_to_proto(r: UploadResult) -> fleet_pb2.UploadAck:
     return fleet_pb2.UploadAck(accepted=True, duplicate=r.duplicate, round=r.round, received_bytes=r.received_bytes)
 
 
-def ledger_row_to_proto(row: dict[str, Any]) -> control_pb2.LedgerRow:
-    msg = control_pb2.LedgerRow()
-    # NaN (not evaluated) is valid in proto doubles but not in JSON; set floats directly.
-    plain = {k: v for k, v in row.items() if k not in ("test_accuracy", "test_loss", "attempt")}
-    json_format.ParseDict(plain, msg, ignore_unknown_fields=True)
-    msg.test_accuracy = float(row.get("test_accuracy", math.nan))
-    msg.test_loss = float(row.get("test_loss", math.nan))
-    return msg
+# --------------------------------------------------------------------------- ledger
 
 
-def ledger_row_from_proto(msg: control_pb2.LedgerRow) -> dict[str, Any]:
-    row = json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    for key in ("round", "bytes_down", "bytes_up", "opened_unix_ms", "committed_unix_ms"):
-        row[key] = int(row.get(key, 0))
-    for client in row.get("clients", []):
-        for key in ("bytes_down", "bytes_up", "num_examples"):
-            client[key] = int(client.get(key, 0))
-    row["test_accuracy"], row["test_loss"] = msg.test_accuracy, msg.test_loss
-    return row
+def _client_to_proto(c: ClientEntry) -> control_pb2.ClientRoundEntry:
+    t = c.transfer
+    return control_pb2.ClientRoundEntry(
+        client_id=c.client_id, outcome=c.outcome, reason=c.reason, bytes_down=c.bytes_down, bytes_up=c.bytes_up,
+        num_examples=c.num_examples, train_seconds=c.train_seconds, metrics=c.metrics,
+        model_encoding=t.model_encoding, generator_encoding=t.artifact_encodings.get(_GENERATOR_KIND, ""),
+        upload_encoding=t.upload_encoding, artifact_encodings=t.artifact_encodings,
+        down_seconds=c.down_seconds, up_seconds=c.up_seconds, estimated_down_bps=t.estimated_down_bps,
+        estimated_up_bps=t.estimated_up_bps, expected_transfer_seconds=t.expected_transfer_seconds,
+    )
+
+
+def _client_from_proto(m: control_pb2.ClientRoundEntry) -> ClientEntry:
+    artifacts = dict(m.artifact_encodings)
+    if m.generator_encoding and _GENERATOR_KIND not in artifacts:
+        artifacts[_GENERATOR_KIND] = m.generator_encoding
+    transfer = ClientTransfer(m.model_encoding, m.upload_encoding, artifacts, m.estimated_down_bps,
+                              m.estimated_up_bps, m.expected_transfer_seconds)
+    if m.outcome not in get_args(Outcome):
+        raise ValueError(f"ledger entry of {m.client_id!r} has an unknown outcome {m.outcome!r}")
+    return ClientEntry(m.client_id, cast(Outcome, m.outcome), m.reason, m.bytes_down, m.bytes_up, m.num_examples,
+                       m.train_seconds, dict(m.metrics), transfer, m.down_seconds, m.up_seconds)
+
+
+def ledger_row_to_proto(row: LedgerRow) -> control_pb2.LedgerRow:
+    return control_pb2.LedgerRow(
+        round=row.round, attempt=row.attempt, strategy=row.strategy, cohort_size=row.cohort_size,
+        completed=row.completed, dropped=row.dropped, rejected=row.rejected, declined=row.declined,
+        bytes_down=row.bytes_down, bytes_up=row.bytes_up, wait_seconds=row.wait_seconds,
+        aggregate_seconds=row.aggregate_seconds, evaluate_seconds=row.evaluate_seconds,
+        round_seconds=row.round_seconds, test_accuracy=row.test_accuracy, test_loss=row.test_loss,
+        opened_unix_ms=row.opened_unix_ms, committed_unix_ms=row.committed_unix_ms,
+        clients=[_client_to_proto(c) for c in row.clients], extras=row.extras, model_sha256=row.model_sha256,
+        skipped=[control_pb2.SkippedClient(**asdict(s)) for s in row.skipped],
+        encoding_policy=row.encoding_policy, transfer_budget_seconds=row.transfer_budget_seconds,
+    )
+
+
+def ledger_row_from_proto(m: control_pb2.LedgerRow) -> LedgerRow:
+    return LedgerRow(
+        round=m.round, attempt=m.attempt, strategy=m.strategy, cohort_size=m.cohort_size, completed=m.completed,
+        dropped=m.dropped, rejected=m.rejected, declined=m.declined, bytes_down=m.bytes_down, bytes_up=m.bytes_up,
+        wait_seconds=m.wait_seconds, aggregate_seconds=m.aggregate_seconds, evaluate_seconds=m.evaluate_seconds,
+        round_seconds=m.round_seconds, test_accuracy=m.test_accuracy, test_loss=m.test_loss,
+        opened_unix_ms=m.opened_unix_ms, committed_unix_ms=m.committed_unix_ms,
+        encoding_policy=m.encoding_policy, transfer_budget_seconds=m.transfer_budget_seconds,
+        model_sha256=m.model_sha256, clients=tuple(_client_from_proto(c) for c in m.clients),
+        skipped=tuple(SkippedClient(s.client_id, s.reason) for s in m.skipped), extras=dict(m.extras),
+    )
 
 
 def event_to_proto(e: Event) -> control_pb2.RoundEvent:
@@ -126,5 +164,10 @@ def event_to_proto(e: Event) -> control_pb2.RoundEvent:
     return msg
 
 
-def status_to_proto(s: dict[str, Any]) -> control_pb2.Status:
-    return control_pb2.Status(**{**s, "state": _STATES[s["state"]]})
+def status_to_proto(s: FederationStatus) -> control_pb2.Status:
+    return control_pb2.Status(
+        federation_id=s.federation_id, state=_STATES[s.state], current_round=s.current_round,
+        total_rounds=s.total_rounds, connected_clients=s.connected_clients, eligible_clients=s.eligible_clients,
+        cohort_size=s.cohort_size, updates_received=s.updates_received, strategy=s.strategy,
+        last_accuracy=s.last_accuracy,
+    )

@@ -6,9 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_client.conditions import Probe, combine, command_probe, on_mains_power
-from edge_client.connection import FleetCallError
-from edge_client.runner import ClientSettings, run_client
+from fedgen.edge.conditions import Probe, combine, command_probe, on_mains_power
+from fedgen.edge.connection import FleetCallError
+from fedgen.edge.runner import ClientSettings, run_client
 
 
 def build_parser() -> argparse.ArgumentParser:

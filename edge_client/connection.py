@@ -18,7 +18,7 @@ from typing import Callable, Iterator, TypeVar
 
 import grpc
 
-from fedcore.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options, wire_bytes
+from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options, wire_bytes
 from fedgen.v1 import fleet_pb2, fleet_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.codec import CodecError, decompress_frame, is_zstd_frame
-from export.generator_manifest import MANIFEST_KEY, GeneratorManifest, ManifestError
+from fedgen.export.compression import decompress_frame, is_zstd_frame
+from fedgen.export.tensor_codecs import CodecError
+from fedgen.export.generator_manifest import MANIFEST_KEY, GeneratorManifest, ManifestError
 
 #: Largest ONNX generator a compressed artifact may unpack to.
 MAX_GENERATOR_BYTES = 64 * 1024 * 1024

@@ -17,16 +17,16 @@ import grpc
 import numpy as np
 import torch
 
-from edge_client.budget import (MemoryPlan, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
+from fedgen.edge.budget import (MemoryPlan, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
                                 plan_task, release_free_memory, reset_peak_rss, rss_mib)
-from edge_client.conditions import Probe
-from edge_client.connection import FleetCallError, FleetConnection
-from edge_client.generator_runtime import OnnxGenerator
-from edge_client.trainer import LocalTrainer, TrainPlan, warm_up
-from export.codec import (CodecError, EncodingSpec, ErrorFeedback, apply_delta, bundle_from_bytes, bundle_to_bytes,
+from fedgen.edge.conditions import Probe
+from fedgen.edge.connection import FleetCallError, FleetConnection
+from fedgen.edge.generator_runtime import OnnxGenerator
+from fedgen.edge.trainer import LocalTrainer, TrainPlan, warm_up
+from fedgen.export.codec import (CodecError, Encoding, EncodingError, ErrorFeedback, apply_delta, bundle_from_bytes, bundle_to_bytes,
                           decode_state, encode_state, sha256_hex, state_delta)
-from fedcore.data import load_shard
-from fedcore.transport import client_tls_credentials
+from fedgen.core.data import load_shard
+from fedgen.core.transport import client_tls_credentials
 from fedgen.v1 import fleet_pb2, tensor_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class ClientSettings:
     tls_key: Path | None = None
     tls_server_name: str = ""
     use_tls: bool = False
-    # When the device is willing to train (None = always); see edge_client.conditions.
+    # When the device is willing to train (None = always); see fedgen.edge.conditions.
     readiness: Probe | None = None
     # The link as the device's owner declared it, bits per second (0 = unknown).
     link_down_bps: int = 0
@@ -131,7 +131,7 @@ def load_global_model(model_path: Path, artifact_id: str, cache_dir: Path) -> di
     except CodecError as err:  # the task is declined with this reason (DECLINE_REASON_ARTIFACT)
         raise FleetCallError(grpc.StatusCode.DATA_LOSS, f"model {artifact_id[:12]}: {err}") from None
     tmp = cache_dir / f"{artifact_id}{STATE_SUFFIX}.tmp"
-    tmp.write_bytes(bundle_to_bytes(encode_state(state, EncodingSpec())))
+    tmp.write_bytes(bundle_to_bytes(encode_state(state, Encoding())))
     os.replace(tmp, cache_dir / f"{artifact_id}{STATE_SUFFIX}")
     return state
 
@@ -349,15 +349,15 @@ def _encode_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarra
     """
     name = task.config.upload_encoding or "fp32"
     try:
-        spec = EncodingSpec.parse(name)
-    except ValueError:
+        encoding = Encoding.parse(name)
+    except EncodingError:
         _LOGGER.warning("round %d: unknown upload encoding %r; sending fp32", task.round, name)
-        spec = EncodingSpec()
-    if spec == EncodingSpec():
-        return bundle_to_bytes(encode_state(trained, spec))
+        encoding = Encoding()
+    if encoding == Encoding():
+        return bundle_to_bytes(encode_state(trained, encoding))
     try:
-        return bundle_to_bytes(feedback.encode(state_delta(trained, received), spec, task.global_model.artifact_id,
-                                               exact=buffer_names))
-    except CodecError as err:  # e.g. a diverged model with non-finite values: the coordinator says why
-        _LOGGER.warning("round %d: cannot encode the update as %s (%s); sending fp32", task.round, spec.name, err)
-        return bundle_to_bytes(encode_state(trained, EncodingSpec()))
+        return bundle_to_bytes(feedback.encode(state_delta(trained, received), encoding.plain(),
+                                               task.global_model.artifact_id, exact=buffer_names))
+    except (CodecError, EncodingError) as err:  # e.g. a diverged model with non-finite values, or int4
+        _LOGGER.warning("round %d: cannot encode the update as %s (%s); sending fp32", task.round, encoding, err)
+        return bundle_to_bytes(encode_state(trained, Encoding()))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedcore.models import Classifier, ClassifierConfig, load_numpy_state, state_to_numpy
+from fedgen.core.models import Classifier, ClassifierConfig, load_numpy_state, state_to_numpy
 
 
 @dataclass(frozen=True)

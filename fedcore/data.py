@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
-import tempfile
 import zlib
 import zipfile
 from collections.abc import Sequence
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from fedgen.core.files import atomic_file
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -352,27 +352,8 @@ def save_shard(path: Path, train: Dataset, test: Dataset | None = None) -> None:
     arrays = {"train_images": train.images, "train_labels": train.labels}
     if test is not None:
         arrays.update(test_images=test.images, test_labels=test.labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)  # a file object: savez does not append ".npz"
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        np.savez_compressed(f, **arrays)  # a file object: savez does not append ".npz"
 
 
 def _shard_array(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import parse_config
-from coordinator.local import LocalFederation, write_shards
-from fedcore.data import load_idx_dataset
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.core.data import load_idx_dataset
 from tools.netem import Cut, Shape, TcpProxy
 
 pytestmark = pytest.mark.integration

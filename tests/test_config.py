@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import ConfigError, load_config, parse_config
+from fedgen.coordinator.config import ConfigError, load_config, parse_config
 
 
 def test_defaults_are_valid() -> None:
@@ -50,12 +50,39 @@ def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:
 def test_serve_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[federation]\nclients_per_round = -4\n")
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "serve", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "fedgen.coordinator", "serve", "--config", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "federation.clients_per_round" in proc.stderr
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coordinator.toml"
+
+
 def test_example_config_is_valid() -> None:
-    example = Path(__file__).resolve().parents[1] / "examples" / "coordinator.toml"
-    assert load_config(example).federation.rounds >= 1
+    assert load_config(EXAMPLE).federation.rounds >= 1
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051", "coordinator.example:443"])
+def test_published_tokens_are_refused_beyond_loopback(address: str) -> None:
+    """The demo's default token and the example's placeholder are in the docs: never on the network."""
+    with pytest.raises(ConfigError, match=r"auth\.enrollment_tokens: address .* published"):
+        load_config(EXAMPLE, {"server": {"address": address}})
+    with pytest.raises(ConfigError, match="fedgen-demo-token"):
+        parse_config({"server": {"address": address}})
+    own = parse_config({"server": {"address": address}, "auth": {"enrollment_tokens": ["a-secret-of-our-own"]}})
+    assert own.server.address == address
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:50051", "127.8.0.1:1", "[::1]:50051", "localhost:50051",
+                                     "unix:/run/fedgen.sock"])
+def test_published_tokens_are_fine_on_loopback(address: str) -> None:
+    assert parse_config({"server": {"address": address}}).server.address == address
+
+
+def test_default_state_dir_is_outside_any_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert parse_config({}).state_path == tmp_path / "state" / "fedgen" / "coordinator"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert parse_config({}).state_path == Path.home() / ".local" / "state" / "fedgen" / "coordinator"
+    assert parse_config({"state_dir": "~/fl"}).state_path == Path.home() / "fl"

@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.config import parse_config
-from coordinator.local import LocalFederation, write_shards
-from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
-from fedcore.data import load_idx_dataset
-from fedcore.transport import bearer_metadata, channel_options
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from fedgen.core.data import load_idx_dataset
+from fedgen.core.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,7 @@ def _task_and_update(stub: fleet_pb2_grpc.FleetStub, md: tuple[tuple[str, str], 
         fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md))
     state = decode_state(bundle_from_bytes(model))
     payload = bundle_to_bytes(encode_state({k: v * scale if v.dtype.kind == "f" else v for k, v in state.items()},
-                                           EncodingSpec()))
+                                           Encoding()))
     header = fleet_pb2.UpdateHeader(
         round=task.round, task_id=task.task_id, idempotency_key=key, num_examples=100, label_counts=[10] * 10,
         payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
@@ -261,21 +261,23 @@ def test_an_acknowledged_update_is_never_left_out_of_its_round(tmp_path: Path) -
     either in the round or refused; it is never acknowledged and then recorded as dropped."""
     import asyncio
 
-    from coordinator.federation import TrainAssignment, UploadHeader
-    from coordinator.server import build_federation
+    from fedgen.coordinator.assignments import TrainAssignment
+    from fedgen.coordinator.intake import UploadHeader
+    from fedgen.coordinator.records import ClientProfile, UpdateRecord
+    from fedgen.coordinator.server import build_federation
 
     async def scenario() -> tuple[object, dict[str, str]]:
         cfg = parse_config({"state_dir": str(tmp_path / "state"), "data": {"test_data_dir": "builtin"},
                             "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 2,
                                            "min_clients": 2, "min_completed": 1, "round_timeout_s": 1.0},
                             "auth": {"enrollment_tokens": [TOKEN]}})
-        fed = build_federation(cfg)
-        a, _ = await fed.join(TOKEN, {}, "a")
-        b, _ = await fed.join(TOKEN, {}, "b")
+        fed = await build_federation(cfg)
+        a, _ = await fed.join(TOKEN, ClientProfile(), "a")
+        b, _ = await fed.join(TOKEN, ClientProfile(), "b")
         engine = asyncio.create_task(fed.run())
         ta, tb = await fed.poll(a, 5), await fed.poll(b, 5)
         assert isinstance(ta, TrainAssignment) and isinstance(tb, TrainAssignment)
-        payload = bundle_to_bytes(encode_state(fed.load_state(ta.model_sha256), EncodingSpec()))
+        payload = bundle_to_bytes(encode_state(fed.load_state(ta.model.sha256), Encoding()))
 
         def header(t: TrainAssignment, key: str) -> UploadHeader:
             return UploadHeader(t.round, t.task_id, key, 10, (1,) * 10, len(payload),
@@ -284,19 +286,19 @@ def test_an_acknowledged_update_is_never_left_out_of_its_round(tmp_path: Path) -
         await fed.accept_upload(a, header(ta, "ka"), payload, len(payload))
         real_add = fed.store.add_update
 
-        def slow_add(u):  # type: ignore[no-untyped-def]
-            time.sleep(max(0.0, ta.deadline_unix_ms / 1000 - time.time()) + 0.3)  # past the deadline
-            real_add(u)
+        async def slow_add(u: UpdateRecord) -> None:  # a slow fsync: the deadline passes meanwhile
+            await asyncio.sleep(max(0.0, ta.deadline_unix_ms / 1000 - time.time()) + 0.3)
+            await real_add(u)
 
         fed.store.add_update = slow_add  # type: ignore[method-assign]
         try:
-            ack = await fed.accept_upload(b, header(tb, "kb"), payload, len(payload))
+            ack: object = await fed.accept_upload(b, header(tb, "kb"), payload, len(payload))
         except Exception as err:  # refused is fine: it was not acknowledged
             ack = err
         await engine
-        row = fed.store.ledger()[0]
-        fed.store.close()
-        return ack, {c["client_id"]: c["outcome"] for c in row["clients"]}
+        row = (await fed.ledger())[0]
+        await fed.close()
+        return ack, {c.client_id: c.outcome for c in row.clients}
 
     ack, outcomes = asyncio.run(scenario())
     assert outcomes["a"] == "completed"

@@ -7,10 +7,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.config import parse_config
-from coordinator.local import LocalFederation, write_shards
-from fedcore.data import load_idx_dataset
-from fedcore.transport import bearer_metadata, channel_options
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.core.data import load_idx_dataset
+from fedgen.core.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Tests for fedcore.data: IDX readers on real MNIST, FedGen's partition, local test split, shards."""
+"""Tests for fedgen.core.data: IDX readers on real MNIST, FedGen's partition, local test split, shards."""
 from __future__ import annotations
 
 import gzip
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcore.data import (
+from fedgen.core.data import (
     DataError,
     Dataset,
     builtin_data_dir,

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.config import parse_config
-from coordinator.local import LocalFederation, write_shards
-from edge_client.budget import (MIB, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.edge.budget import (MIB, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
                                 plan_task, reset_peak_rss, rss_mib)
-from edge_client.conditions import combine, command_probe, on_mains_power
-from edge_client.trainer import LocalTrainer, TrainPlan
-from fedcore.data import load_idx_dataset
-from fedcore.models import Classifier, state_to_numpy
+from fedgen.edge.conditions import combine, command_probe, on_mains_power
+from fedgen.edge.trainer import LocalTrainer, TrainPlan
+from fedgen.core.data import load_idx_dataset
+from fedgen.core.models import Classifier, state_to_numpy
 from fedgen.v1 import control_pb2, control_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_command_probe_and_combination() -> None:
 # ------------------------------------------------------------------ a light install
 
 COORDINATOR_ONLY = ("coordinator", "onnx", "grpc_health", "grpc_reflection", "rich", "matplotlib", "pydantic",
-                    "export.onnx_export", "torch.onnx")
+                    "fedgen.export.onnx_export", "torch.onnx")
 
 
 def test_the_edge_client_imports_nothing_coordinator_only() -> None:
@@ -119,8 +119,8 @@ class Absent(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {{name!r}} (coordinator-only)")
         return None
 sys.meta_path.insert(0, Absent())
-import edge_client.cli, edge_client.runner, edge_client.generator_runtime, edge_client.budget, edge_client.conditions
-edge_client.cli.build_parser()
+import fedgen.edge.cli, fedgen.edge.runner, fedgen.edge.generator_runtime, fedgen.edge.budget, fedgen.edge.conditions
+fedgen.edge.cli.build_parser()
 print(json.dumps(sorted(sys.modules)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -214,7 +214,7 @@ def test_an_artifact_that_fails_its_digest_is_never_used(tmp_path: Path, truncat
 
     import grpc
 
-    from edge_client.connection import FleetCallError, FleetConnection
+    from fedgen.edge.connection import FleetCallError, FleetConnection
     from fedgen.v1 import fleet_pb2
 
     good = b"generator-or-model-bytes" * 100

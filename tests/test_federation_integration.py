@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 
-from coordinator.config import parse_config
-from coordinator.local import LocalFederation, write_shards
-from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
-from fedcore.data import load_idx_dataset
-from fedcore.transport import bearer_metadata, channel_options
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from fedgen.core.data import load_idx_dataset
+from fedgen.core.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -135,7 +135,7 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
     good = decode_state(bundle_from_bytes(model_bytes))
 
     def payload(state: dict[str, np.ndarray]) -> bytes:
-        return bundle_to_bytes(encode_state(state, EncodingSpec()))
+        return bundle_to_bytes(encode_state(state, Encoding()))
 
     # Wrong shape, wrong dtype, NaN, missing tensor: INVALID_ARGUMENT naming the tensor.
     wrong_shape = dict(good, **{"head.weight": np.zeros((10, 16), np.float32)})
@@ -162,10 +162,10 @@ def test_federation_with_bad_actors(federation: LocalFederation) -> None:
     # A difference against a model this round never sent; a top-k tensor whose bitmap lies;
     # download timings that cannot be true.
     zero_delta = {k: np.zeros_like(v) for k, v in good.items()}
-    stranger = bundle_to_bytes(encode_state(zero_delta, EncodingSpec.parse("topk10+zstd"), "e" * 64))
+    stranger = bundle_to_bytes(encode_state(zero_delta, Encoding.parse("topk10+zstd"), "e" * 64))
     code, msg = _code(lambda: bad.upload(task, stranger, "k7b"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not round 0's global model" in msg
-    lying = encode_state(zero_delta, EncodingSpec.parse("topk10"), task.global_model.artifact_id)
+    lying = encode_state(zero_delta, Encoding.parse("topk10"), task.global_model.artifact_id)
     lying.tensors[0].data = b"\xff" * len(lying.tensors[0].data)
     code, msg = _code(lambda: bad.upload(task, bundle_to_bytes(lying), "k7c"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"tensor {lying.tensors[0].name!r}: top-k" in msg

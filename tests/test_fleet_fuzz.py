@@ -38,10 +38,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from coordinator.config import CoordinatorConfig, parse_config
-from coordinator.local import LocalFederation
-from coordinator.servicers import MIN_CHUNK_BYTES
-from fedcore.transport import bearer_metadata, channel_options
+from fedgen.coordinator.config import CoordinatorConfig, parse_config
+from fedgen.coordinator.local import LocalFederation
+from fedgen.coordinator.servicers import MIN_CHUNK_BYTES
+from fedgen.core.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration

@@ -3,49 +3,54 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.link_policy import Link, LinkEstimator, Rung, Transfer, choose_encodings
+from fedgen.coordinator.link_policy import Link, LinkEstimator, Rung, Transfer, choose_encodings
+from fedgen.export.encoding import Encoding
 
-MODEL = Transfer("model", "down", (Rung("fp32+zstd", 100_000), Rung("fp16+zstd", 50_000), Rung("int8+zstd", 27_000)))
-GEN = Transfer("generator", "down", (Rung("fp32+zstd", 72_000), Rung("int8+zstd", 22_000)))
-UP = Transfer("upload", "up", (Rung("fp32", 107_000), Rung("int8+zstd", 27_000), Rung("topk10+zstd", 9_000)))
+
+def R(name: str, size: int) -> Rung:  # noqa: N802 (reads like the tables below)
+    return Rung(Encoding.parse(name), size)
+
+MODEL = Transfer("model", "down", (R("fp32+zstd", 100_000), R("fp16+zstd", 50_000), R("int8+zstd", 27_000)))
+GEN = Transfer("generator", "down", (R("fp32+zstd", 72_000), R("int8+zstd", 22_000)))
+UP = Transfer("upload", "up", (R("fp32", 107_000), R("int8+zstd", 27_000), R("topk10+zstd", 9_000)))
 
 
 def test_no_budget_keeps_the_most_faithful_encodings() -> None:
     plan = choose_encodings([MODEL, GEN, UP], Link(1e3, 1e3), budget_s=0)
-    assert plan.choices == {"model": "fp32+zstd", "generator": "fp32+zstd", "upload": "fp32"}
+    assert plan.names == {"model": "fp32+zstd", "generator": "fp32+zstd", "upload": "fp32"}
     assert plan.fits
 
 
 def test_a_fast_link_keeps_everything_exact() -> None:
     plan = choose_encodings([MODEL, GEN, UP], Link(100e6, 100e6), budget_s=1.0)
-    assert plan.choices == {"model": "fp32+zstd", "generator": "fp32+zstd", "upload": "fp32"}
+    assert plan.names == {"model": "fp32+zstd", "generator": "fp32+zstd", "upload": "fp32"}
     assert plan.fits and plan.expected_s == pytest.approx(8 * 279_000 / 100e6)
 
 
 def test_the_transfer_that_saves_most_steps_down_first() -> None:
     # 1 Mbit/s both ways: 279 KB is 2.23 s. Dropping the upload to int8 saves 0.64 s, the most.
     plan = choose_encodings([MODEL, GEN, UP], Link(1e6, 1e6), budget_s=1.7)
-    assert plan.choices == {"model": "fp32+zstd", "generator": "fp32+zstd", "upload": "int8+zstd"}
+    assert plan.names == {"model": "fp32+zstd", "generator": "fp32+zstd", "upload": "int8+zstd"}
     assert plan.expected_s <= 1.7
 
 
 def test_a_slow_uplink_degrades_the_upload_not_the_downloads() -> None:
     plan = choose_encodings([MODEL, GEN, UP], Link(50e6, 0.1e6), budget_s=1.0)
-    assert plan.choices["model"] == "fp32+zstd" and plan.choices["generator"] == "fp32+zstd"
-    assert plan.choices["upload"] == "topk10+zstd"
+    assert plan.names["model"] == "fp32+zstd" and plan.names["generator"] == "fp32+zstd"
+    assert plan.names["upload"] == "topk10+zstd"
     assert plan.fits
 
 
 def test_over_budget_even_at_the_bottom_returns_the_most_compact_plan_marked_unfit() -> None:
     plan = choose_encodings([MODEL, GEN, UP], Link(1e4, 1e4), budget_s=1.0)
-    assert plan.choices == {"model": "int8+zstd", "generator": "int8+zstd", "upload": "topk10+zstd"}
+    assert plan.names == {"model": "int8+zstd", "generator": "int8+zstd", "upload": "topk10+zstd"}
     assert not plan.fits and plan.expected_s > 1.0
 
 
 def test_a_larger_rung_is_never_chosen_to_save_time() -> None:
-    odd = Transfer("model", "down", (Rung("fp32", 100_000), Rung("fp32+zstd", 120_000), Rung("int8", 25_000)))
+    odd = Transfer("model", "down", (R("fp32", 100_000), R("fp32+zstd", 120_000), R("int8", 25_000)))
     plan = choose_encodings([odd], Link(1e6, 1e6), budget_s=0.5)
-    assert plan.choices == {"model": "int8"}
+    assert plan.names == {"model": "int8"}
 
 
 def test_latency_counts_once_per_transfer() -> None:
@@ -73,7 +78,7 @@ def test_estimator_ignores_what_it_cannot_learn_from(nbytes: int, seconds: float
 
 
 def test_a_download_teaches_rate_from_its_later_chunks_and_latency_from_its_first() -> None:
-    from coordinator.link_policy import DownloadTiming
+    from fedgen.coordinator.link_policy import DownloadTiming
 
     est = LinkEstimator(weight=1.0)
     # 1 Mbit/s with 0.2 s of request latency: a 64 KB first chunk at 0.2 + 0.524 s, 100 KB more in 0.8 s.
@@ -86,7 +91,7 @@ def test_a_download_teaches_rate_from_its_later_chunks_and_latency_from_its_firs
 
 
 def test_malformed_download_timings_teach_nothing() -> None:
-    from coordinator.link_policy import DownloadTiming
+    from fedgen.coordinator.link_policy import DownloadTiming
 
     est = LinkEstimator(assumed_bps=5e6)
     for bad in (DownloadTiming(100_000, 1.0, 2.0, 10), DownloadTiming(100_000, float("inf"), 0, 0),

@@ -10,11 +10,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.auth import RateLimiter, TokenBucket
-from coordinator.config import ConfigError, parse_config
-from coordinator.server import build_federation, coordinator_interceptors, mount
-from export.codec import EncodingSpec, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
-from fedcore.transport import bearer_metadata, channel_options
+from fedgen.coordinator.auth import RateLimiter, TokenBucket
+from fedgen.coordinator.config import ConfigError, parse_config
+from fedgen.coordinator.server import build_federation, coordinator_interceptors, mount
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from fedgen.core.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 TOKEN = "mount-test-enrollment-token"
@@ -48,7 +48,7 @@ async def _scenario(tmp_path: Path) -> None:
                  "operator_token_sha256": hashlib.sha256(OPERATOR.encode()).hexdigest(),
                  "client_requests_per_second": 1, "client_burst": 8},
     })
-    federation = build_federation(config)
+    federation = await build_federation(config)
     theirs = RecordingInterceptor()
     server = grpc.aio.server(interceptors=[theirs, *coordinator_interceptors(federation)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("acme.Echo", {
@@ -82,7 +82,7 @@ async def _scenario(tmp_path: Path) -> None:
             chunks = [c async for c in fleet.DownloadArtifact(
                 fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md)]
             state = decode_state(bundle_from_bytes(b"".join(c.data for c in chunks)))
-            payload = bundle_to_bytes(encode_state(state, EncodingSpec()))
+            payload = bundle_to_bytes(encode_state(state, Encoding()))
             header = fleet_pb2.UpdateHeader(
                 round=task.round, task_id=task.task_id, idempotency_key="dev:1", num_examples=10,
                 label_counts=[1] * 10, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())

@@ -27,10 +27,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import certs
 from certs import make_pki
-from coordinator.config import parse_config
-from coordinator.local import LocalFederation, write_shards
-from fedcore.data import load_idx_dataset
-from fedcore.transport import channel_options
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.core.data import load_idx_dataset
+from fedgen.core.transport import channel_options
 from fedgen.v1 import control_pb2
 
 pytestmark = pytest.mark.integration

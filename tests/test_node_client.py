@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import parse_config
-from coordinator.local import LocalFederation
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.local import LocalFederation
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_CLIENT = REPO / "tests" / "node_client"

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.config import TrainingConfig
-from coordinator.strategy import ClientResult, FedAvg, FedProx, make_strategy, weighted_average
-from coordinator.validation import UpdateRejected, validate_counts, validate_state
+from fedgen.coordinator.config import ConfigError, TrainingConfig, parse_config
+from fedgen.coordinator.strategy import ClientResult, FedAvg, FedProx, make_strategy, weighted_average
+from fedgen.coordinator.validation import UpdateRejected, validate_counts, validate_state
 
 
 def test_weighted_average_weights_by_examples() -> None:
@@ -38,8 +38,9 @@ def test_fedavg_strategy_and_schedule() -> None:
 
 def test_fedprox_sends_mu_and_unknown_strategy_is_an_error() -> None:
     assert FedProx(TrainingConfig(proximal_mu=0.01)).configure_round(0).params == {"proximal_mu": 0.01}
-    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
-        make_strategy("nope", TrainingConfig())
+    assert isinstance(make_strategy(parse_config({"federation": {"strategy": "fedprox"}}), 10), FedProx)
+    with pytest.raises(ConfigError, match=r"federation\.strategy: Input should be 'fedavg', 'fedprox' or 'fedgen'"):
+        parse_config({"federation": {"strategy": "nope"}})
 
 
 SPEC = {"fc.weight": ((2, 3), np.dtype("float32")), "bn.n": ((), np.dtype("int64"))}

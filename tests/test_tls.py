@@ -7,10 +7,10 @@ import grpc
 import pytest
 
 from certs import SERVER_NAME, Pki, make_pki
-from coordinator.config import ConfigError, parse_config
-from coordinator.local import LocalFederation, write_shards
-from fedcore.data import load_idx_dataset
-from fedcore.transport import bearer_metadata, channel_options, client_tls_credentials
+from fedgen.coordinator.config import ConfigError, parse_config
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.core.data import load_idx_dataset
+from fedgen.core.transport import bearer_metadata, channel_options, client_tls_credentials
 from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration

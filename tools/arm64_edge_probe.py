@@ -2,7 +2,7 @@
 
     python tools/arm64_edge_probe.py --report OUT.json -- --coordinator HOST:PORT --data SHARD ...
 
-Everything after `--` goes to edge_client.cli.main unchanged. The probe changes no behaviour:
+Everything after `--` goes to fedgen.edge.cli.main unchanged. The probe changes no behaviour:
 it times the import of the client, wraps the runner's per-task function with a wall-clock timer,
 counts onnxruntime generator loads and runs (with a check of their output), and writes what it saw
 to --report when the client exits. Used by tools/arm64_edge_run.py for both clients alike.
@@ -41,8 +41,8 @@ def main() -> int:
 
     report: dict = {"machine": platform.machine(), "python": platform.python_version(), "rounds": [], "onnx": {}}
     t0 = time.perf_counter()
-    import edge_client.cli as cli  # torch, onnxruntime, grpc, numpy, protobuf come with it
-    import edge_client.runner as runner
+    import fedgen.edge.cli as cli  # torch, onnxruntime, grpc, numpy, protobuf come with it
+    import fedgen.edge.runner as runner
     report["import_edge_client_s"] = round(time.perf_counter() - t0, 3)
     report["rss_after_import_kib"] = _vm_kib("VmRSS")
 

@@ -42,23 +42,23 @@ def run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------ measurements
-IMPORT_SNIPPET = "import time; t = time.perf_counter(); import edge_client.cli; print(round(time.perf_counter() - t, 3))"
-IMPORTTIME_TOP = ("torch", "onnxruntime", "grpc", "numpy", "google.protobuf", "pydantic", "zstandard", "edge_client.cli")
+IMPORT_SNIPPET = "import time; t = time.perf_counter(); import fedgen.edge.cli; print(round(time.perf_counter() - t, 3))"
+IMPORTTIME_TOP = ("torch", "onnxruntime", "grpc", "numpy", "google.protobuf", "pydantic", "zstandard", "fedgen.edge.cli")
 
 
 def measure_imports(python: list[str], label: str, cwd: Path) -> dict:
-    """Two fresh interpreters timing `import edge_client.cli` (first is colder), then one -X importtime."""
+    """Two fresh interpreters timing `import fedgen.edge.cli` (first is colder), then one -X importtime."""
     out: dict = {}
     for i in (1, 2):
         t = time.perf_counter()
         res = run([*python, "-c", IMPORT_SNIPPET], timeout=900, cwd=cwd)
         if res.returncode != 0:
-            raise RuntimeError(f"{label}: import edge_client.cli failed: {res.stderr[-2000:]}")
+            raise RuntimeError(f"{label}: import fedgen.edge.cli failed: {res.stderr[-2000:]}")
         out[f"import_s_run{i}"] = float(res.stdout.strip().splitlines()[-1])
         out[f"interpreter_wall_s_run{i}"] = round(time.perf_counter() - t, 3)
-        say(f"   {label}: import edge_client.cli run {i}: {out[f'import_s_run{i}']} s "
+        say(f"   {label}: import fedgen.edge.cli run {i}: {out[f'import_s_run{i}']} s "
             f"(interpreter start to exit {out[f'interpreter_wall_s_run{i}']} s)")
-    res = run([*python, "-X", "importtime", "-c", "import edge_client.cli"], timeout=900, cwd=cwd)
+    res = run([*python, "-X", "importtime", "-c", "import fedgen.edge.cli"], timeout=900, cwd=cwd)
     cumul: dict[str, float] = {}
     for line in res.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|\s*(\S.*)$", line)
@@ -525,9 +525,9 @@ def render_md(res: dict, nat: dict, arm: dict) -> str:
         ("round0_client_wall_s", "client wall seconds, round 0 (first call, no regulariser)"),
         ("mean_train_seconds", "mean train seconds per round, all rounds (ledger)"),
         ("mean_client_wall_s_per_round", "mean client wall seconds per round, all rounds"),
-        ("import_edge_client_s_run1", "import edge_client.cli, 1st fresh interpreter (s)"),
-        ("import_edge_client_s_run2", "import edge_client.cli, 2nd fresh interpreter (s)"),
-        ("import_edge_client_s_in_client", "import edge_client.cli inside the client run (s)"),
+        ("import_edge_client_s_run1", "import fedgen.edge.cli, 1st fresh interpreter (s)"),
+        ("import_edge_client_s_run2", "import fedgen.edge.cli, 2nd fresh interpreter (s)"),
+        ("import_edge_client_s_in_client", "import fedgen.edge.cli inside the client run (s)"),
         ("importtime_torch_s", "  of which torch (-X importtime cumulative, s)"),
         ("importtime_onnxruntime_s", "  of which onnxruntime (s)"),
         ("importtime_grpc_s", "  of which grpc (s)"),

@@ -200,7 +200,7 @@ in_root python - <<'EOF'
 import importlib.util, platform
 missing = [m for m in ("pydantic", "onnx", "rich", "matplotlib", "grpc_health", "grpc_reflection") if importlib.util.find_spec(m) is None]
 print("   coordinator-only packages absent from the arm64 venv:", ", ".join(missing))
-import edge_client.cli, torch, onnxruntime, grpc, google.protobuf, numpy, zstandard
+import fedgen.edge.cli, torch, onnxruntime, grpc, google.protobuf, numpy, zstandard
 print(f"   {platform.machine()} python {platform.python_version()} torch {torch.__version__} onnxruntime {onnxruntime.__version__}"
       f" grpcio {grpc.__version__} protobuf {google.protobuf.__version__} numpy {numpy.__version__}"
       f" zstandard {zstandard.__version__}")

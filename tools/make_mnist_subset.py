@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcore.data import load_idx_dataset
+from fedgen.core.data import load_idx_dataset
 
 _LOGGER = logging.getLogger("make_mnist_subset")
 _FILES = {

@@ -160,6 +160,26 @@ class ClientRoundEntry(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ArtifactEncodingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
@@ -176,6 +196,7 @@ class ClientRoundEntry(_message.Message):
     ESTIMATED_DOWN_BPS_FIELD_NUMBER: _builtins.int
     ESTIMATED_UP_BPS_FIELD_NUMBER: _builtins.int
     EXPECTED_TRANSFER_SECONDS_FIELD_NUMBER: _builtins.int
+    ARTIFACT_ENCODINGS_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     outcome: _builtins.str
     """"completed", "dropped" (missed the deadline), "rejected" (bad update),
@@ -213,6 +234,13 @@ class ClientRoundEntry(_message.Message):
     expected_transfer_seconds: _builtins.float
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def artifact_encodings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The encoding of each artifact the strategy shipped this client, by artifact
+        kind as ArtifactKind names it in lower case without its prefix (e.g.
+        "generator_onnx"); generator_encoding above repeats the generator's entry.
+        """
+
     def __init__(
         self,
         *,
@@ -232,10 +260,11 @@ class ClientRoundEntry(_message.Message):
         estimated_down_bps: _builtins.float = ...,
         estimated_up_bps: _builtins.float = ...,
         expected_transfer_seconds: _builtins.float = ...,
+        artifact_encodings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "client_id", b"client_id", "down_seconds", b"down_seconds", "estimated_down_bps", b"estimated_down_bps", "estimated_up_bps", b"estimated_up_bps", "expected_transfer_seconds", b"expected_transfer_seconds", "generator_encoding", b"generator_encoding", "metrics", b"metrics", "model_encoding", b"model_encoding", "num_examples", b"num_examples", "outcome", b"outcome", "reason", b"reason", "train_seconds", b"train_seconds", "up_seconds", b"up_seconds", "upload_encoding", b"upload_encoding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_encodings", b"artifact_encodings", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "client_id", b"client_id", "down_seconds", b"down_seconds", "estimated_down_bps", b"estimated_down_bps", "estimated_up_bps", b"estimated_up_bps", "expected_transfer_seconds", b"expected_transfer_seconds", "generator_encoding", b"generator_encoding", "metrics", b"metrics", "model_encoding", b"model_encoding", "num_examples", b"num_examples", "outcome", b"outcome", "reason", b"reason", "train_seconds", b"train_seconds", "up_seconds", b"up_seconds", "upload_encoding", b"upload_encoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,6 +319,7 @@ class LedgerRow(_message.Message):
     DECLINED_FIELD_NUMBER: _builtins.int
     ENCODING_POLICY_FIELD_NUMBER: _builtins.int
     TRANSFER_BUDGET_SECONDS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     strategy: _builtins.str
     cohort_size: _builtins.int
@@ -315,6 +345,10 @@ class LedgerRow(_message.Message):
     the per-client transfer budget of the round in seconds (0 = none).
     """
     transfer_budget_seconds: _builtins.float
+    attempt: _builtins.int
+    """Which attempt at this round committed (a round whose deadline passed with
+    too few updates is attempted again with a new cohort).
+    """
     @_builtins.property
     def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientRoundEntry]: ...
     @_builtins.property
@@ -355,10 +389,11 @@ class LedgerRow(_message.Message):
         declined: _builtins.int = ...,
         encoding_policy: _builtins.str = ...,
         transfer_budget_seconds: _builtins.float = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "declined", b"declined", "dropped", b"dropped", "encoding_policy", b"encoding_policy", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "model_sha256", b"model_sha256", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "skipped", b"skipped", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "transfer_budget_seconds", b"transfer_budget_seconds", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "attempt", b"attempt", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "clients", b"clients", "cohort_size", b"cohort_size", "committed_unix_ms", b"committed_unix_ms", "completed", b"completed", "declined", b"declined", "dropped", b"dropped", "encoding_policy", b"encoding_policy", "evaluate_seconds", b"evaluate_seconds", "extras", b"extras", "model_sha256", b"model_sha256", "opened_unix_ms", b"opened_unix_ms", "rejected", b"rejected", "round", b"round", "round_seconds", b"round_seconds", "skipped", b"skipped", "strategy", b"strategy", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "transfer_budget_seconds", b"transfer_budget_seconds", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

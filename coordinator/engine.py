@@ -1,0 +1,319 @@
+"""The round engine: recover, open, wait, aggregate, evaluate, commit; until the last round or Stop.
+
+It runs on the server's asyncio loop and does its CPU work (encoding, aggregation, evaluation) and
+its blocking I/O in worker threads, so RPCs keep flowing. It names no algorithm: the strategy
+brings its parameters, artifacts and metrics, the model contract its spec and its evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from fedgen.coordinator.config import CoordinatorConfig
+from fedgen.coordinator.events import ChangeSignal, Event, EventBus, PollWakers, now_ms
+from fedgen.coordinator.ledger import ENGINE_EXTRAS, LedgerFiles, LedgerRow, RoundTally, build_ledger_row
+from fedgen.coordinator.model import ModelContract
+from fedgen.coordinator.records import ArtifactRecord
+from fedgen.coordinator.registry import ClientRegistry
+from fedgen.coordinator.rounds import OpenRound
+from fedgen.coordinator.store import BlobStore, StateStore
+from fedgen.coordinator.strategy import ClientResult, Strategy
+from fedgen.coordinator.transfers import RoundVariants, TransferPlanner
+from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+
+_LOGGER = logging.getLogger(__name__)
+
+FederationStateName = Literal["waiting_for_clients", "training", "paused", "finished"]
+#: Longest the engine sleeps without looking at the clock (deadlines, heartbeat horizons).
+TICK_S = 1.0
+
+
+@dataclass(frozen=True)
+class FederationStatus:
+    federation_id: str
+    state: FederationStateName
+    current_round: int
+    total_rounds: int
+    connected_clients: int
+    eligible_clients: int
+    cohort_size: int
+    updates_received: int
+    strategy: str
+    last_accuracy: float
+
+
+class RoundEngine:
+    def __init__(self, config: CoordinatorConfig, store: StateStore, blobs: BlobStore, strategy: Strategy,
+                 model: ModelContract, registry: ClientRegistry, transfers: TransferPlanner, bus: EventBus,
+                 changed: ChangeSignal, wakers: PollWakers) -> None:
+        self.config = config
+        self.store = store
+        self.blobs = blobs
+        self.strategy = strategy
+        self.model = model
+        self.registry = registry
+        self.transfers = transfers
+        self.bus = bus
+        self.changed = changed
+        self.wakers = wakers
+        self.ledger_files = LedgerFiles(config.state_path, (*ENGINE_EXTRAS, *strategy.metric_names()))
+        self.federation_id = ""
+        self.current_round = 0
+        self.global_model_sha = ""
+        self.last_accuracy = math.nan
+        self.open_round: OpenRound | None = None
+        self.paused = False
+        self.finished = False
+        self._stop_requested = False
+        self.recovered = asyncio.Event()
+
+    # ----------------------------------------------------------------- state
+    async def load(self) -> None:
+        """Reads the federation from the store (a new one is created): fast, before the port opens."""
+        s = self.store
+        self.federation_id = await s.get_meta("federation_id") or uuid.uuid4().hex[:12]
+        self.current_round = int(await s.get_meta("current_round") or 0)
+        model_sha = await s.get_meta("global_model")
+        if model_sha is None:
+            initial = await asyncio.to_thread(self.model.initial_state, self.config.federation.seed)
+            model_sha = await asyncio.to_thread(self.blobs.put, state_bytes(initial))
+            await s.set_meta({"federation_id": self.federation_id, "current_round": "0", "global_model": model_sha})
+            _LOGGER.info("new federation %s", self.federation_id)
+        else:
+            _LOGGER.info("resuming federation %s at round %d", self.federation_id, self.current_round)
+        self.global_model_sha = model_sha
+        strategy_state = await s.get_meta("strategy_state")
+        if strategy_state is not None:
+            data = await asyncio.to_thread(self.blobs.get, strategy_state)
+            await asyncio.to_thread(self.strategy.load_state_bytes, data)
+        rows = await s.ledger(max(0, self.current_round - 1))
+        if rows:
+            self.last_accuracy = rows[-1].test_accuracy
+        self.finished = self.current_round >= self.config.federation.rounds
+
+    @property
+    def recovering(self) -> bool:
+        return not self.recovered.is_set()
+
+    def load_state(self, sha: str) -> State:
+        """A stored model or update (blocking)."""
+        return decode_state(bundle_from_bytes(self.blobs.get(sha)))
+
+    def task_kind(self) -> str:
+        """What a memory decline is about: the strategy and the shape of local training."""
+        return f"{self.strategy.name}/batch{self.config.training.batch_size}"
+
+    # ----------------------------------------------------------------- rounds
+    async def run(self) -> None:
+        """The federation: recover, then open, wait, aggregate, commit; until the last round or Stop."""
+        await self._recover()
+        fed = self.config.federation
+        while not self.finished:
+            if self._stop_requested or self.current_round >= fed.rounds:
+                await self._finish("stopped by operator" if self._stop_requested else "all rounds done")
+                break
+            eligible = self.registry.eligible(self.task_kind())
+            if self.paused or len(eligible) < fed.required_clients:
+                await self.changed.wait(TICK_S)
+                continue
+            await self._open(eligible)
+            await self._run_open_round()
+
+    async def _recover(self) -> None:
+        """Reopens a round a crash left open, with the updates acknowledged before it."""
+        for stored in await self.store.open_rounds():
+            if stored.round != self.current_round:
+                await self.store.fail_round(stored.round, stored.attempt)
+                continue
+            deadline = max(stored.deadline_ms, now_ms() + int(self.config.federation.round_timeout_s * 1000))
+            r = OpenRound(stored.round, stored.attempt, stored.cohort, stored.model_sha256, stored.opened_ms, deadline,
+                          self.strategy.configure_round(stored.round), stored.artifacts)
+            r.variants = await self._prepare_variants(r.model_sha256, r.artifacts)
+            for u in await self.store.updates_for(stored.round, stored.attempt):
+                r.accepted[u.client_id] = u
+            await self.store.set_round_deadline(r.round, r.attempt, deadline)
+            self.open_round = r
+            self.wakers.wake(r.cohort)
+            _LOGGER.info("recovered round %d with %d acknowledged update(s)", r.round, len(r.accepted))
+        rows = await self.store.ledger()
+        await asyncio.to_thread(self.ledger_files.rewrite, rows)  # mends a crash between a commit and its append
+        self.recovered.set()
+        self.changed.notify()
+        if self.open_round is not None:
+            await self._run_open_round()
+
+    async def _prepare_variants(self, model_sha: str, artifacts: tuple[ArtifactRecord, ...]) -> RoundVariants:
+        return await asyncio.to_thread(self.transfers.prepare, model_sha, artifacts)
+
+    async def _open(self, eligible: list[str]) -> None:
+        fed = self.config.federation
+        round_ = self.current_round
+        attempt = await self.store.max_attempt(round_) + 1
+        rng = random.Random(f"{fed.seed}:{round_}:{attempt}")
+        cohort = {cid: uuid.uuid4().hex for cid in sorted(rng.sample(eligible, min(fed.clients_per_round, len(eligible))))}
+        skipped = self.registry.skipped(self.task_kind())
+        artifacts = []
+        for artifact in await asyncio.to_thread(self.strategy.round_artifacts, round_):
+            digest = await asyncio.to_thread(self.blobs.put, artifact.data)
+            artifacts.append(ArtifactRecord(artifact.kind, digest, len(artifact.data)))
+        t0 = time.monotonic()
+        variants = await self._prepare_variants(self.global_model_sha, tuple(artifacts))
+        encode_s = time.monotonic() - t0
+        opened = now_ms()
+        r = OpenRound(round_, attempt, cohort, self.global_model_sha, opened, opened + int(fed.round_timeout_s * 1000),
+                      self.strategy.configure_round(round_), tuple(artifacts), variants, encode_seconds=encode_s,
+                      skipped=skipped)
+        await self.store.open_round(r.record())
+        self.open_round = r
+        _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
+        self.bus.emit(Event("opened", round_, cohort_size=len(cohort)))
+        self.wakers.wake(cohort)
+        self.changed.notify()
+
+    async def _run_open_round(self) -> None:
+        r = self.open_round
+        assert r is not None
+        while not r.all_in and now_ms() < r.deadline_ms:
+            await self.changed.wait(min(TICK_S, max(0.01, (r.deadline_ms - now_ms()) / 1000)))
+        await r.close()  # uploads between their last check and their record finish first
+        self.changed.notify()
+        wait_s = (now_ms() - r.opened_ms) / 1000
+        needed = self.config.federation.min_completed
+        if len(r.accepted) < needed:
+            await self.store.fail_round(r.round, r.attempt)
+            msg = f"only {len(r.accepted)} update(s) by the deadline, {needed} needed"
+            _LOGGER.warning("round %d attempt %d failed: %s", r.round, r.attempt, msg)
+            self.bus.emit(Event("failed", r.round, message=msg, cohort_size=len(r.cohort),
+                                updates_received=len(r.accepted)))
+            self.open_round = None
+            return
+        await self._commit(r, wait_s)
+
+    def _client_results(self, r: OpenRound) -> list[ClientResult]:
+        return [ClientResult(u.client_id, self.load_state(u.payload_sha256), u.num_examples, u.label_counts, u.metrics)
+                for u in sorted(r.accepted.values(), key=lambda u: u.client_id)]
+
+    async def _commit(self, r: OpenRound, wait_s: float) -> None:
+        t0 = time.monotonic()
+        global_state = await asyncio.to_thread(self.load_state, r.model_sha256)
+        results = await asyncio.to_thread(self._client_results, r)
+        aggregate = await asyncio.to_thread(self.strategy.aggregate_round, r.round, results, global_state)
+        model_sha = await asyncio.to_thread(lambda: self.blobs.put(state_bytes(aggregate.state)))
+        aggregate_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        accuracy, loss = math.nan, math.nan
+        last = r.round + 1 >= self.config.federation.rounds
+        evaluate = self.model.evaluate
+        if evaluate is not None and ((r.round + 1) % self.config.data.evaluate_every == 0 or last):
+            result = await asyncio.to_thread(evaluate, aggregate.state)
+            accuracy, loss = result.accuracy, result.loss
+        evaluate_s = time.monotonic() - t1
+        bandwidth = self.config.bandwidth
+        row = build_ledger_row(RoundTally(
+            round=r.round, attempt=r.attempt, strategy=self.strategy.name, cohort=list(r.cohort),
+            accepted=r.accepted, rejected=r.rejected, declined=r.declined, skipped=r.skipped,
+            bytes_down=r.bytes_down, bytes_up=r.bytes_up, transfers=r.transfers(), opened_ms=r.opened_ms,
+            committed_ms=now_ms(), wait_seconds=wait_s, aggregate_seconds=aggregate_s, evaluate_seconds=evaluate_s,
+            test_accuracy=accuracy, test_loss=loss, strategy_extras=aggregate.extras, encode_seconds=r.encode_seconds,
+            encoding_policy=bandwidth.policy,
+            transfer_budget_seconds=bandwidth.transfer_budget_s if self.transfers.adaptive else 0.0,
+            model_sha256=model_sha,
+        ))
+        meta = {"current_round": str(r.round + 1), "global_model": model_sha}
+        strategy_state = await asyncio.to_thread(self.strategy.state_bytes)
+        if strategy_state is not None:
+            meta["strategy_state"] = await asyncio.to_thread(self.blobs.put, strategy_state)
+        await self.store.commit_round(r.round, r.attempt, row, meta)
+        self.global_model_sha = model_sha
+        self.current_round = r.round + 1
+        if not math.isnan(accuracy):
+            self.last_accuracy = accuracy
+        self.open_round = None
+        await self._append_ledger(row)
+        _LOGGER.info("round %d committed: %d/%d updates, accuracy %.4f, %d B down, %d B up",
+                     r.round, row.completed, row.cohort_size, accuracy, row.bytes_down, row.bytes_up)
+        self.bus.emit(Event("committed", r.round, cohort_size=len(r.cohort), updates_received=len(r.accepted),
+                            ledger_row=row))
+        self.changed.notify()
+
+    async def _append_ledger(self, row: LedgerRow) -> None:
+        if not await asyncio.to_thread(self.ledger_files.append, row):
+            rows = await self.store.ledger()
+            await asyncio.to_thread(self.ledger_files.rewrite, rows)
+
+    async def _finish(self, reason: str) -> None:
+        self.finished = True
+        _LOGGER.info("federation %s finished: %s", self.federation_id, reason)
+        self.bus.emit(Event("finished", self.current_round, message=reason))
+        self.wakers.wake()
+        self.changed.notify()
+
+    # --------------------------------------------------------------- control
+    def pause(self) -> None:
+        self.paused = True
+        self.changed.notify()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.changed.notify()
+
+    def stop(self) -> None:
+        self._stop_requested = True
+        self.changed.notify()
+
+    def status(self) -> FederationStatus:
+        r = self.open_round
+        state: FederationStateName
+        if self.finished:
+            state = "finished"
+        elif self.paused:
+            state = "paused"
+        elif r is None:
+            state = "waiting_for_clients"
+        else:
+            state = "training"
+        return FederationStatus(
+            federation_id=self.federation_id, state=state, current_round=self.current_round,
+            total_rounds=self.config.federation.rounds, connected_clients=self.registry.connected(),
+            eligible_clients=len(self.registry.eligible(self.task_kind())), cohort_size=len(r.cohort) if r else 0,
+            updates_received=len(r.accepted) if r else 0, strategy=self.strategy.name,
+            last_accuracy=self.last_accuracy,
+        )
+
+    # ------------------------------------------------------------- accounting
+    def record_download(self, client_id: str, nbytes: int) -> None:
+        """Bytes of a message the coordinator sent a client of the open round's cohort."""
+        r = self.open_round
+        if r is not None and client_id in r.cohort:
+            r.bytes_down[client_id] += nbytes
+
+    def record_upload(self, client_id: str, nbytes: int) -> None:
+        """Bytes of a request a cohort client sent besides its update (task poll, download requests,
+        heartbeats): the update itself is counted with it, once, when it is accepted."""
+        r = self.open_round
+        if r is not None and client_id in r.cohort:
+            r.bytes_up[client_id] += nbytes
+
+    def published_artifacts(self) -> set[str]:
+        """What a client may download: the global model and the open round's artifacts. Never another
+        client's update, nor anything else in the store."""
+        ids = {self.global_model_sha}
+        r = self.open_round
+        if r is not None:
+            ids.add(r.model_sha256)
+            ids.update(a.sha256 for a in r.artifacts)
+            ids.update(r.variants.digests())
+            ids.update(p.model.sha256 for p in r.plans.values())  # per-client deltas
+        return ids
+
+
+def state_bytes(state: State) -> bytes:
+    """A whole model as the store keeps it: an fp32 TensorBundle."""
+    return bundle_to_bytes(encode_state(state, Encoding()))
