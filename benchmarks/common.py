@@ -3,6 +3,7 @@
 A benchmark writes `benchmarks/results/<name>.json` (the exact command, the date, the machine,
 one flat row per measurement, plus summary keys) and a CSV of the same rows beside it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,9 +14,10 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -106,8 +108,13 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_results(name: str, command: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None,
-                  results_dir: Path | None = None) -> Path:
+def write_results(
+    name: str,
+    command: str,
+    rows: Sequence[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+    results_dir: Path | None = None,
+) -> Path:
     """Writes `<results_dir>/<name>.json` and `<name>.csv`; returns the JSON path."""
     out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +124,7 @@ def write_results(name: str, command: str, rows: Sequence[dict[str, Any]], extra
         raise ValueError(f"extra keys clash with reserved ones: {sorted(reserved)}")
     doc = {
         "command": command,
-        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "machine": machine_info(),
         **extra,
         "rows": list(rows),

@@ -11,6 +11,7 @@ interpreters. Writes benchmarks/results/edge_footprint.{json,csv,png}.
     python benchmarks/edge_footprint.py                       # budgets 256, 384, 512, 1024 MB
     python benchmarks/edge_footprint.py --budgets 384 --rounds 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from common import REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, shared_data_dir, write_results
+from rich.console import Console
+from rich.table import Table
 
-from common import REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, shared_data_dir, write_results  # noqa: E402
-from fedgen.coordinator.config import load_config  # noqa: E402
-from fedgen.coordinator.ledger import read_jsonl  # noqa: E402
-from fedgen.coordinator.local import LocalFederation, write_shards  # noqa: E402
-from fedgen.core.data import DataError, load_idx_dataset  # noqa: E402
-from fedgen.v1 import control_pb2, control_pb2_grpc  # noqa: E402
+from fedgen.coordinator.config import load_config
+from fedgen.coordinator.ledger import read_jsonl
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.coordinator.plots import save_figure
+from fedgen.core.data import DataError, load_idx_dataset
+from fedgen.v1 import control_pb2, control_pb2_grpc
 
 NAME = "edge_footprint"
 SCRIPT = "benchmarks/edge_footprint.py"
@@ -68,8 +70,14 @@ def measure_import(repeats: int = 3) -> dict[str, float]:
     """Median import time and the process's resident size right after it, in fresh interpreters."""
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, cwd=REPO_ROOT,
-                             timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+        out = subprocess.run(
+            [sys.executable, "-c", IMPORT_PROBE],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=300,
+            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        )
         if out.returncode != 0:
             raise BenchmarkError(f"import probe failed: {out.stderr[-2000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -80,19 +88,30 @@ def run_budget(args: argparse.Namespace, budget: int, shards: list[Path], data_d
     work = args.out / f"budget-{budget}"
     if work.exists():  # a coordinator resumes the federation it finds in its state: start afresh
         shutil.rmtree(work)
-    config = load_config(None, {
-        "state_dir": str(work / "state"),
-        "server": {"address": "127.0.0.1:0"},
-        # min_clients 2: the rounds go on with the two helpers when the measured client declines.
-        "federation": {"strategy": "fedgen", "rounds": args.rounds, "clients_per_round": 3, "min_clients": 2,
-                       "min_completed": 2, "round_timeout_s": 300, "seed": 0},
-        "training": {"local_steps": args.local_steps, "batch_size": args.batch_size},
-        "fedgen": {"device": "cpu"},
-        "data": {"test_data_dir": str(data_dir)},
-    })
+    config = load_config(
+        None,
+        {
+            "state_dir": str(work / "state"),
+            "server": {"address": "127.0.0.1:0"},
+            # min_clients 2: the rounds go on with the two helpers when the measured client declines.
+            "federation": {
+                "strategy": "fedgen",
+                "rounds": args.rounds,
+                "clients_per_round": 3,
+                "min_clients": 2,
+                "min_completed": 2,
+                "round_timeout_s": 300,
+                "seed": 0,
+            },
+            "training": {"local_steps": args.local_steps, "batch_size": args.batch_size},
+            "fedgen": {"device": "cpu"},
+            "data": {"test_data_dir": str(data_dir)},
+        },
+    )
     started = time.monotonic()
-    with LocalFederation(config, shards, work, per_client_args={0: ["--memory-budget-mb", str(budget)]},
-                         client_log_level="INFO") as fed:
+    with LocalFederation(
+        config, shards, work, per_client_args={0: ["--memory-budget-mb", str(budget)]}, client_log_level="INFO"
+    ) as fed:
         fed.start_coordinator()
         with fed.channel() as channel:  # round 0 waits until all three have joined
             control = control_pb2_grpc.ControlStub(channel)
@@ -130,7 +149,7 @@ def run_budget(args: argparse.Namespace, budget: int, shards: list[Path], data_d
         "peak_rss_mb": max(peaks) if peaks else math.nan,
         "estimated_peak_mb": max((c["metrics"].get("estimated_peak_mb", math.nan) for c in done), default=math.nan),
         "micro_batch": min((c["metrics"].get("micro_batch", math.nan) for c in done), default=math.nan),
-        "over_budget_rounds": sum(p > b for p, b in zip(peaks, budgets)),
+        "over_budget_rounds": sum(p > b for p, b in zip(peaks, budgets, strict=False)),
         "seconds_per_round": mean([c["train_seconds"] for c in done]),
         "cpu_seconds_per_round": mean([c["metrics"]["cpu_seconds"] for c in done if "cpu_seconds" in c["metrics"]]),
         "bytes_per_round": mean([c["bytes_down"] + c["bytes_up"] for c in done]),
@@ -144,50 +163,73 @@ def run_budget(args: argparse.Namespace, budget: int, shards: list[Path], data_d
 
 
 def print_table(console: Console, rows: list[dict[str, Any]], imp: dict[str, float]) -> None:
-    table = Table(title=f"FedGen on MNIST, one edge client at each memory budget (import: "
-                        f"{imp['import_seconds']:.2f} s, {imp['rss_after_import_mb']:.0f} MB resident after it)",
-                  title_justify="left")
-    for col in ("budget MB", "rounds done / declined", "peak RSS MB", "estimated MB", "micro-batch",
-                "s / round", "CPU s / round", "KB / round", "global acc"):
+    table = Table(
+        title=f"FedGen on MNIST, one edge client at each memory budget (import: "
+        f"{imp['import_seconds']:.2f} s, {imp['rss_after_import_mb']:.0f} MB resident after it)",
+        title_justify="left",
+    )
+    for col in (
+        "budget MB",
+        "rounds done / declined",
+        "peak RSS MB",
+        "estimated MB",
+        "micro-batch",
+        "s / round",
+        "CPU s / round",
+        "KB / round",
+        "global acc",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         f = lambda v, fmt: "—" if isinstance(v, float) and math.isnan(v) else format(v, fmt)  # noqa: E731
-        table.add_row(str(r["budget_mb"]), f"{r['rounds_completed']} / {r['rounds_declined']}",
-                      f(r["peak_rss_mb"], ".0f"), f(r["estimated_peak_mb"], ".0f"), f(r["micro_batch"], ".0f"),
-                      f(r["seconds_per_round"], ".2f"), f(r["cpu_seconds_per_round"], ".2f"),
-                      f(r["bytes_per_round"] / 1e3, ".0f"), f(100 * r["accuracy"], ".2f"))
+        table.add_row(
+            str(r["budget_mb"]),
+            f"{r['rounds_completed']} / {r['rounds_declined']}",
+            f(r["peak_rss_mb"], ".0f"),
+            f(r["estimated_peak_mb"], ".0f"),
+            f(r["micro_batch"], ".0f"),
+            f(r["seconds_per_round"], ".2f"),
+            f(r["cpu_seconds_per_round"], ".2f"),
+            f(r["bytes_per_round"] / 1e3, ".0f"),
+            f(100 * r["accuracy"], ".2f"),
+        )
     console.print(table)
     for r in rows:
         if r["decline_reason"]:
-            console.print(f"budget {r['budget_mb']} MB: declined ({r['decline_reason']}); then skipped in "
-                          f"{r['rounds_skipped']} round(s)")
+            console.print(
+                f"budget {r['budget_mb']} MB: declined ({r['decline_reason']}); then skipped in "
+                f"{r['rounds_skipped']} round(s)"
+            )
 
 
 def plot(rows: list[dict[str, Any]], imp: dict[str, float], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # fedgen.coordinator.plots selected the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["budget_mb"] for r in rows], width=0.4, label="budget", color="tab:gray")
-    ax.bar([x + 0.2 for x in xs], [0 if math.isnan(r["peak_rss_mb"]) else r["peak_rss_mb"] for r in rows],
-           width=0.4, label="measured peak RSS of a round", color="tab:green")
-    ax.axhline(imp["rss_after_import_mb"], color="tab:red", linestyle="--", linewidth=1,
-               label=f"resident after import ({imp['rss_after_import_mb']:.0f} MB)")
-    for x, r in zip(xs, rows):
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [0 if math.isnan(r["peak_rss_mb"]) else r["peak_rss_mb"] for r in rows],
+        width=0.4,
+        label="measured peak RSS of a round",
+        color="tab:green",
+    )
+    ax.axhline(
+        imp["rss_after_import_mb"],
+        color="tab:red",
+        linestyle="--",
+        linewidth=1,
+        label=f"resident after import ({imp['rss_after_import_mb']:.0f} MB)",
+    )
+    for x, r in zip(xs, rows, strict=False):
         if not r["round_completed"]:
             ax.text(x + 0.2, 10, "declined", rotation=90, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [f"{r['budget_mb']} MB" for r in rows])
     ax.set_ylabel("MB")
     ax.set_title("Edge client memory per FedGen round (MNIST)")
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]{NAME}: {err}[/red]")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    shards, _ = write_shards(train, args.out / "shards", 3, args.alpha, seed=0, samples_per_class=args.samples_per_class)
+    shards, _ = write_shards(
+        train, args.out / "shards", 3, args.alpha, seed=0, samples_per_class=args.samples_per_class
+    )
     imp = measure_import()
     console.print(f"import edge_client: {imp['import_seconds']:.2f} s, {imp['rss_after_import_mb']:.0f} MB resident")
     rows = []
@@ -213,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]{err}[/red]")
             return 1
     print_table(console, rows, imp)
-    extra = {"import": imp, "setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-             "over_budget_rounds_total": sum(r["over_budget_rounds"] for r in rows)}
+    extra = {
+        "import": imp,
+        "setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "over_budget_rounds_total": sum(r["over_budget_rounds"] for r in rows),
+    }
     json_path = write_results(NAME, command_line(SCRIPT, argv), rows, extra, results_dir=args.results_dir)
     png = plot(rows, imp, args.results_dir / f"{NAME}.png")
     console.print(f"results: {json_path}, {json_path.with_suffix('.csv')}, {png}")

@@ -29,6 +29,7 @@ benchmarks/results/load.{json,csv,png} and prints a table.
     python benchmarks/load.py                                        # 1000 clients, cohort 100, 5 rounds
     python benchmarks/load.py --clients 100 --cohort 20 --rounds 2   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,20 +46,24 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
+import itertools
 
-from common import REPO_ROOT, RESULTS_DIR, command_line, write_results  # noqa: E402
-from fedgen.coordinator.config import ConfigError, CoordinatorConfig, parse_config  # noqa: E402
-from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state  # noqa: E402
-from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options  # noqa: E402
-from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc  # noqa: E402
+import grpc
+import numpy as np
+from common import REPO_ROOT, RESULTS_DIR, command_line, write_results
+
+from fedgen.coordinator.config import ConfigError, CoordinatorConfig, parse_config
+from fedgen.coordinator.plots import save_figure
+from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
 
 NAME = "load"
 SCRIPT = "benchmarks/load.py"
@@ -183,10 +188,20 @@ class SimClient:
     # ------------------------------------------------------------------ the protocol
     async def run(self) -> None:
         await asyncio.sleep(random.uniform(0, self.spec.ramp_s))
-        reply = await self.unary("Join", "Join", lambda: self.stub.Join(fleet_pb2.JoinRequest(
-            enrollment_token=TOKEN, requested_client_id=self.requested_id,
-            profile=fleet_pb2.DeviceProfile(platform="load-benchmark simulated client (no torch)",
-                                            memory_budget_mb=256)), timeout=self.timeout(30)))
+        reply = await self.unary(
+            "Join",
+            "Join",
+            lambda: self.stub.Join(
+                fleet_pb2.JoinRequest(
+                    enrollment_token=TOKEN,
+                    requested_client_id=self.requested_id,
+                    profile=fleet_pb2.DeviceProfile(
+                        platform="load-benchmark simulated client (no torch)", memory_budget_mb=256
+                    ),
+                ),
+                timeout=self.timeout(30),
+            ),
+        )
         if reply is None:
             self.rec.outcomes["join failed"] += 1
             return
@@ -225,8 +240,11 @@ class SimClient:
         wait_ms = 0 if short else int(max(0.0, min(self.spec.poll_wait_ms / 1000, self.remaining_s() - 1)) * 1000)
         t0 = time.perf_counter()
         try:
-            task = await self.stub.PollTask(fleet_pb2.PollTaskRequest(max_wait_ms=wait_ms),
-                                            timeout=self.timeout(wait_ms / 1000 + 30), metadata=self.md)
+            task = await self.stub.PollTask(
+                fleet_pb2.PollTaskRequest(max_wait_ms=wait_ms),
+                timeout=self.timeout(wait_ms / 1000 + 30),
+                metadata=self.md,
+            )
         except grpc.aio.AioRpcError as err:
             self.rec.error("PollTask", err.code().name)
             if err.code() not in TRANSIENT:
@@ -253,20 +271,31 @@ class SimClient:
 
     async def heartbeat(self, busy: bool) -> None:
         self.last_heartbeat = time.monotonic()
-        await self.unary("Heartbeat", "Heartbeat", lambda: self.stub.Heartbeat(
-            fleet_pb2.HeartbeatRequest(busy=busy), timeout=self.timeout(15), metadata=self.md))
+        await self.unary(
+            "Heartbeat",
+            "Heartbeat",
+            lambda: self.stub.Heartbeat(
+                fleet_pb2.HeartbeatRequest(busy=busy), timeout=self.timeout(15), metadata=self.md
+            ),
+        )
 
     async def leave(self, reason: str) -> None:
-        await self.unary("Leave", "Leave", lambda: self.stub.Leave(
-            fleet_pb2.LeaveRequest(reason=reason), timeout=self.timeout(15), metadata=self.md))
+        await self.unary(
+            "Leave",
+            "Leave",
+            lambda: self.stub.Leave(fleet_pb2.LeaveRequest(reason=reason), timeout=self.timeout(15), metadata=self.md),
+        )
 
     async def download(self, ref: fleet_pb2.ArtifactRef) -> bytes | None:
         """The whole artifact, resuming at its offset after a transient error; digest verified."""
         buf = bytearray()
         for attempt in range(RETRIES):
             t0 = time.perf_counter()
-            call = self.stub.DownloadArtifact(fleet_pb2.DownloadRequest(artifact_id=ref.artifact_id, offset=len(buf)),
-                                              timeout=self.timeout(60), metadata=self.md)
+            call = self.stub.DownloadArtifact(
+                fleet_pb2.DownloadRequest(artifact_id=ref.artifact_id, offset=len(buf)),
+                timeout=self.timeout(60),
+                metadata=self.md,
+            )
             try:
                 async for chunk in call:
                     if chunk.offset != len(buf):
@@ -302,11 +331,15 @@ class SimClient:
         num_examples = int(self.rng.integers(32, 641))
         label_counts = self.rng.multinomial(num_examples, self.rng.dirichlet(np.full(N_CLASSES, 0.5)))
         header = fleet_pb2.UpdateHeader(
-            round=train.round, task_id=train.task_id,
+            round=train.round,
+            task_id=train.task_id,
             idempotency_key=f"{self.client_id}:{train.round}:{train.task_id}",
-            num_examples=num_examples, label_counts=[int(c) for c in label_counts],
-            payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest(),
-            metrics={"loss": float(self.rng.uniform(0.2, 2.0))}, train_seconds=trained_s,
+            num_examples=num_examples,
+            label_counts=[int(c) for c in label_counts],
+            payload_bytes=len(payload),
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            metrics={"loss": float(self.rng.uniform(0.2, 2.0))},
+            train_seconds=trained_s,
         )
         return header, payload
 
@@ -325,8 +358,10 @@ class SimClient:
         await asyncio.sleep(trained_s)
         header, payload = self.make_update(train, trained_s)
         msgs = [fleet_pb2.UploadMessage(header=header)]
-        msgs += [fleet_pb2.UploadMessage(chunk=payload[i: i + DEFAULT_CHUNK_BYTES])
-                 for i in range(0, len(payload), DEFAULT_CHUNK_BYTES)]
+        msgs += [
+            fleet_pb2.UploadMessage(chunk=payload[i : i + DEFAULT_CHUNK_BYTES])
+            for i in range(0, len(payload), DEFAULT_CHUNK_BYTES)
+        ]
         for attempt in range(RETRIES):  # a retry reuses the idempotency key: counted once
             t0 = time.perf_counter()
             try:
@@ -336,18 +371,31 @@ class SimClient:
                 if err.code() in TRANSIENT and attempt + 1 < RETRIES and self.remaining_s() > 2:
                     await self._backoff(attempt)
                     continue
-                self.rec.refused.append({"client_id": self.client_id, "round": int(train.round),
-                                         "code": err.code().name, "details": err.details()})
+                self.rec.refused.append(
+                    {
+                        "client_id": self.client_id,
+                        "round": int(train.round),
+                        "code": err.code().name,
+                        "details": err.details(),
+                    }
+                )
                 self.rec.problem(f"{self.client_id} upload round {train.round}: {err.code().name} {err.details()}")
                 return
             self.rec.ok("UploadUpdate", "UploadUpdate", (time.perf_counter() - t0) * 1000)
             if ack.accepted:
-                self.rec.accepted.append({"client_id": self.client_id, "round": int(ack.round),
-                                          "num_examples": int(header.num_examples), "duplicate": ack.duplicate,
-                                          "received_bytes": int(ack.received_bytes)})
+                self.rec.accepted.append(
+                    {
+                        "client_id": self.client_id,
+                        "round": int(ack.round),
+                        "num_examples": int(header.num_examples),
+                        "duplicate": ack.duplicate,
+                        "received_bytes": int(ack.received_bytes),
+                    }
+                )
             else:
-                self.rec.refused.append({"client_id": self.client_id, "round": int(train.round),
-                                         "code": "OK_NOT_ACCEPTED", "details": ""})
+                self.rec.refused.append(
+                    {"client_id": self.client_id, "round": int(train.round), "code": "OK_NOT_ACCEPTED", "details": ""}
+                )
             return
 
 
@@ -364,7 +412,7 @@ async def _run_worker(spec: WorkerSpec) -> Recorder:
     options = channel_options()
     if spec.channels == 0:
         # Without this, channels with identical arguments share one subchannel (one TCP connection).
-        options = options + [("grpc.use_local_subchannel_pool", 1)]
+        options = [*options, ("grpc.use_local_subchannel_pool", 1)]
     n_channels = spec.count if spec.channels == 0 else min(spec.channels, spec.count)
     channels = [grpc.aio.insecure_channel(spec.address, options=options) for _ in range(n_channels)]
     clients = [SimClient(spec.first + k, spec, channels[k % n_channels], rec) for k in range(spec.count)]
@@ -392,12 +440,18 @@ def worker_main(spec: WorkerSpec) -> None:
     t_cpu = time.process_time()
     rec = asyncio.run(_run_worker(spec))
     doc = {
-        "worker": spec.worker, "clients": spec.count,
+        "worker": spec.worker,
+        "clients": spec.count,
         "channels": spec.count if spec.channels == 0 else min(spec.channels, spec.count),
-        "latency_ms": dict(rec.latency_ms), "errors": {k: dict(v) for k, v in rec.errors.items()},
+        "latency_ms": dict(rec.latency_ms),
+        "errors": {k: dict(v) for k, v in rec.errors.items()},
         "per_second": {k: {str(s): n for s, n in v.items()} for k, v in rec.per_second.items()},
-        "dispatch": rec.dispatch, "accepted": rec.accepted, "refused": rec.refused,
-        "outcomes": dict(rec.outcomes), "problems": rec.problems, "loop_lag_ms": rec.loop_lag_ms,
+        "dispatch": rec.dispatch,
+        "accepted": rec.accepted,
+        "refused": rec.refused,
+        "outcomes": dict(rec.outcomes),
+        "problems": rec.problems,
+        "loop_lag_ms": rec.loop_lag_ms,
         "cpu_seconds": time.process_time() - t_cpu,
         "torch_imported": "torch" in sys.modules,
     }
@@ -424,8 +478,12 @@ class ProcSampler(threading.Thread):
         fields = {line.split(":", 1)[0]: line.split(":", 1)[1].split() for line in status.splitlines() if ":" in line}
         after_comm = stat.rsplit(")", 1)[1].split()  # utime, stime are fields 14, 15 (1-based) of stat
         cpu_s = (int(after_comm[11]) + int(after_comm[12])) / self._tick
-        return {"t_s": round(time.time() - self.t0, 3), "rss_mib": int(fields["VmRSS"][0]) / 1024,
-                "threads": int(fields["Threads"][0]), "cpu_s": cpu_s}
+        return {
+            "t_s": round(time.time() - self.t0, 3),
+            "rss_mib": int(fields["VmRSS"][0]) / 1024,
+            "threads": int(fields["Threads"][0]),
+            "cpu_s": cpu_s,
+        }
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -444,32 +502,62 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {"p50_ms": math.nan, "p90_ms": math.nan, "p99_ms": math.nan, "max_ms": math.nan, "mean_ms": math.nan}
     a = np.asarray(values, dtype=np.float64)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50_ms": round(float(p50), 2), "p90_ms": round(float(p90), 2), "p99_ms": round(float(p99), 2),
-            "max_ms": round(float(a.max()), 2), "mean_ms": round(float(a.mean()), 2)}
+    return {
+        "p50_ms": round(float(p50), 2),
+        "p90_ms": round(float(p90), 2),
+        "p99_ms": round(float(p99), 2),
+        "max_ms": round(float(a.max()), 2),
+        "mean_ms": round(float(a.mean()), 2),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--clients", type=int, default=1000, help="simulated clients")
     p.add_argument("--cohort", type=int, default=100, help="clients per round (= min_clients)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--workers", type=int, default=4, help="client worker processes (grpc.aio, ~clients/workers each)")
-    p.add_argument("--channels", type=int, default=0,
-                   help="channels per worker shared round-robin by its clients; 0 = one channel per client")
-    p.add_argument("--min-completed", type=int, default=None,
-                   help="updates a round needs at its deadline (default: the cohort, so a lost upload fails the round)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=0,
+        help="channels per worker shared round-robin by its clients; 0 = one channel per client",
+    )
+    p.add_argument(
+        "--min-completed",
+        type=int,
+        default=None,
+        help="updates a round needs at its deadline (default: the cohort, so a lost upload fails the round)",
+    )
     p.add_argument("--round-timeout", type=float, default=180.0, help="round deadline, seconds (generous)")
-    p.add_argument("--poll-wait-ms", type=int, default=15_000,
-                   help="max_wait_ms of a long poll (edge_client uses 15 s; the server caps it at server.max_poll_wait_s)")
-    p.add_argument("--train-seconds", type=float, default=1.0,
-                   help="mean simulated training time per task (uniform in [0, 2x]); no CPU is spent")
+    p.add_argument(
+        "--poll-wait-ms",
+        type=int,
+        default=15_000,
+        help="max_wait_ms of a long poll (edge_client uses 15 s; the server caps it at server.max_poll_wait_s)",
+    )
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=1.0,
+        help="mean simulated training time per task (uniform in [0, 2x]); no CPU is spent",
+    )
     p.add_argument("--ramp", type=float, default=5.0, help="clients join at uniform times over this many seconds")
-    p.add_argument("--timeout", type=float, default=900.0,
-                   help="global limit, seconds: every client stops by then and the benchmark ends")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        help="global limit, seconds: every client stops by then and the benchmark ends",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="work dir for coordinator state and logs (default: a new temp dir under runs/)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="work dir for coordinator state and logs (default: a new temp dir under runs/)",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON, CSV and PNG go")
     args = p.parse_args(argv)
     if min(args.clients, args.cohort, args.rounds, args.workers) < 1:
@@ -485,18 +573,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace, state_dir: Path) -> CoordinatorConfig:
-    return parse_config({
-        "state_dir": str(state_dir),
-        "server": {"address": "127.0.0.1:0"},
-        "federation": {
-            "strategy": "fedavg", "rounds": args.rounds, "clients_per_round": args.cohort,
-            "min_clients": args.cohort, "min_completed": args.min_completed or args.cohort,
-            "round_timeout_s": args.round_timeout, "seed": args.seed,
-        },
-        # Evaluate only after the last round: this benchmark is about the wire, not accuracy.
-        "data": {"test_data_dir": "builtin", "evaluate_every": 1_000_000},
-        "auth": {"enrollment_tokens": [TOKEN]},
-    })
+    return parse_config(
+        {
+            "state_dir": str(state_dir),
+            "server": {"address": "127.0.0.1:0"},
+            "federation": {
+                "strategy": "fedavg",
+                "rounds": args.rounds,
+                "clients_per_round": args.cohort,
+                "min_clients": args.cohort,
+                "min_completed": args.min_completed or args.cohort,
+                "round_timeout_s": args.round_timeout,
+                "seed": args.seed,
+            },
+            # Evaluate only after the last round: this benchmark is about the wire, not accuracy.
+            "data": {"test_data_dir": "builtin", "evaluate_every": 1_000_000},
+            "auth": {"enrollment_tokens": [TOKEN]},
+        }
+    )
 
 
 def run_workers(args: argparse.Namespace, address: str, out: Path, start_unix: float) -> list[dict[str, Any]]:
@@ -509,17 +603,28 @@ def run_workers(args: argparse.Namespace, address: str, out: Path, start_unix: f
         count = base + (1 if w < extra else 0)
         path = out / f"worker-{w}.json"
         path.unlink(missing_ok=True)
-        spec = WorkerSpec(worker=w, address=address, first=first, count=count, channels=args.channels,
-                          start_unix=start_unix, deadline_unix=deadline, ramp_s=args.ramp,
-                          poll_wait_ms=args.poll_wait_ms, train_s=args.train_seconds,
-                          round_timeout_ms=int(args.round_timeout * 1000), seed=args.seed, result_path=str(path))
+        spec = WorkerSpec(
+            worker=w,
+            address=address,
+            first=first,
+            count=count,
+            channels=args.channels,
+            start_unix=start_unix,
+            deadline_unix=deadline,
+            ramp_s=args.ramp,
+            poll_wait_ms=args.poll_wait_ms,
+            train_s=args.train_seconds,
+            round_timeout_ms=int(args.round_timeout * 1000),
+            seed=args.seed,
+            result_path=str(path),
+        )
         proc = ctx.Process(target=worker_main, args=(spec,), name=f"load-worker-{w}", daemon=True)
         proc.start()
         procs.append(proc)
         paths.append(path)
         first += count
     results = []
-    for proc, path in zip(procs, paths):
+    for proc, path in zip(procs, paths, strict=False):
         proc.join(max(1.0, deadline - time.time() + 90))
         if proc.is_alive():  # past the global timeout and its grace: end this worker (ours, by its handle)
             proc.terminate()
@@ -535,9 +640,18 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     latency: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, Counter[str]] = defaultdict(Counter)
     per_second: dict[str, Counter[int]] = defaultdict(Counter)
-    merged: dict[str, Any] = {"accepted": [], "refused": [], "dispatch": [], "outcomes": Counter(), "problems": [],
-                              "loop_lag_ms": [], "cpu_seconds": [], "torch_imported": False, "channels": 0,
-                              "missing_workers": 0}
+    merged: dict[str, Any] = {
+        "accepted": [],
+        "refused": [],
+        "dispatch": [],
+        "outcomes": Counter(),
+        "problems": [],
+        "loop_lag_ms": [],
+        "cpu_seconds": [],
+        "torch_imported": False,
+        "channels": 0,
+        "missing_workers": 0,
+    }
     for r in results:
         if r.get("missing"):
             merged["missing_workers"] += 1
@@ -563,11 +677,16 @@ def check_ledger(rows: list[control_pb2.LedgerRow], accepted: list[dict[str, Any
     completed = {(r.round, c.client_id): c for r in rows for c in r.clients if c.outcome == "completed"}
     acked = {(a["round"], a["client_id"]): a for a in accepted}
     lost = sorted(k for k in acked if k not in completed)
-    mismatched = sorted(k for k, a in acked.items() if k in completed and completed[k].num_examples != a["num_examples"])
+    mismatched = sorted(
+        k for k, a in acked.items() if k in completed and completed[k].num_examples != a["num_examples"]
+    )
     unacked = sorted(k for k in completed if k not in acked)
     return {
-        "lost": lost, "num_examples_mismatch": mismatched, "completed_without_ack": unacked,
-        "ledger_completed": sum(r.completed for r in rows), "ledger_rejected": sum(r.rejected for r in rows),
+        "lost": lost,
+        "num_examples_mismatch": mismatched,
+        "completed_without_ack": unacked,
+        "ledger_completed": sum(r.completed for r in rows),
+        "ledger_rejected": sum(r.rejected for r in rows),
         "ledger_dropped": sum(r.dropped for r in rows),
     }
 
@@ -577,12 +696,22 @@ def read_attempts(state_dir: Path) -> dict[int, int]:
     path = state_dir / "ledger.jsonl"
     if not path.exists():
         return {}
-    return {json.loads(line)["round"]: int(json.loads(line).get("attempt", 0))
-            for line in path.read_text().splitlines() if line.strip()}
+    return {
+        json.loads(line)["round"]: int(json.loads(line).get("attempt", 0))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    }
 
 
-def summarize(args: argparse.Namespace, m: dict[str, Any], rows: list[control_pb2.LedgerRow], ledger: dict[str, Any],
-              samples: list[dict[str, float]], start_unix: float, attempts: dict[int, int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def summarize(
+    args: argparse.Namespace,
+    m: dict[str, Any],
+    rows: list[control_pb2.LedgerRow],
+    ledger: dict[str, Any],
+    samples: list[dict[str, float]],
+    start_unix: float,
+    attempts: dict[int, int],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     flat, rpcs = [], {}
     for key, rpc, what in MEASURES:
         stats = percentiles(m["latency"].get(key, []))
@@ -592,10 +721,18 @@ def summarize(args: argparse.Namespace, m: dict[str, Any], rows: list[control_pb
             entry["errors"] = sum(m["errors"].get(rpc, {}).values())
             entry["errors_by_code"] = dict(m["errors"].get(rpc, {}))
         rpcs[key] = entry
-        flat.append({"measure": key, "rpc": rpc, "what": what.strip(), "derived": key in DERIVED, "count": count,
-                     "errors": entry.get("errors", ""),
-                     "errors_by_code": " ".join(f"{c}:{n}" for c, n in sorted(entry.get("errors_by_code", {}).items())),
-                     **stats})
+        flat.append(
+            {
+                "measure": key,
+                "rpc": rpc,
+                "what": what.strip(),
+                "derived": key in DERIVED,
+                "count": count,
+                "errors": entry.get("errors", ""),
+                "errors_by_code": " ".join(f"{c}:{n}" for c, n in sorted(entry.get("errors_by_code", {}).items())),
+                **stats,
+            }
+        )
     total_by_rpc = {rpc: sum(m["per_second"].get(rpc, Counter()).values()) for rpc in RPC_NAMES}
     seconds = sorted({s for c in m["per_second"].values() for s in c})
     active_s = (seconds[-1] - seconds[0] + 1) if seconds else math.nan
@@ -609,10 +746,15 @@ def summarize(args: argparse.Namespace, m: dict[str, Any], rows: list[control_pb
     cpu = [s["cpu_s"] for s in samples]
     busy_s = (samples[-1]["t_s"] - samples[0]["t_s"]) if len(samples) > 1 else math.nan
     summary = {
-        "clients": args.clients, "cohort": args.cohort, "rounds": args.rounds,
+        "clients": args.clients,
+        "cohort": args.cohort,
+        "rounds": args.rounds,
         "workers": args.workers,
-        "channel_mode": ("one channel (TCP connection) per client" if args.channels == 0
-                         else f"{args.channels} channel(s) per worker, shared round-robin"),
+        "channel_mode": (
+            "one channel (TCP connection) per client"
+            if args.channels == 0
+            else f"{args.channels} channel(s) per worker, shared round-robin"
+        ),
         "channels_total": m["channels"],
         "rounds_committed": len(rows),
         "failed_round_attempts": sum(attempts.values()),
@@ -638,7 +780,9 @@ def summarize(args: argparse.Namespace, m: dict[str, Any], rows: list[control_pb
         "rss_before_clients_mib": None,
         "rss_end_mib": round(rss[-1], 1) if rss else None,
         "coordinator_cpu_seconds": round(cpu[-1] - cpu[0], 1) if len(cpu) > 1 else None,
-        "coordinator_cpu_mean_pct": round(100 * (cpu[-1] - cpu[0]) / busy_s, 1) if len(cpu) > 1 and busy_s > 0 else None,
+        "coordinator_cpu_mean_pct": round(100 * (cpu[-1] - cpu[0]) / busy_s, 1)
+        if len(cpu) > 1 and busy_s > 0
+        else None,
         "peak_coordinator_threads": max(int(s["threads"]) for s in samples) if samples else None,
         "client_outcomes": dict(m["outcomes"]),
         "client_problems": m["problems"][:20],
@@ -648,16 +792,25 @@ def summarize(args: argparse.Namespace, m: dict[str, Any], rows: list[control_pb
         "torch_imported_by_clients": m["torch_imported"],
         "rpcs": rpcs,
         "errors_by_rpc": {k: dict(v) for k, v in m["errors"].items()},
-        "round_details": [{
-            "round": r.round, "attempt": attempts.get(r.round, 0), "cohort_size": r.cohort_size,
-            "completed": r.completed, "dropped": r.dropped, "rejected": r.rejected,
-            "round_seconds": r.round_seconds, "wait_seconds": r.wait_seconds,
-            "aggregate_seconds": r.aggregate_seconds, "evaluate_seconds": r.evaluate_seconds,
-            "opened_s": round(r.opened_unix_ms / 1000 - start_unix, 3),
-            "committed_s": round(r.committed_unix_ms / 1000 - start_unix, 3),
-            "dispatch_p50_ms": percentiles([d for rr, d in m["dispatch"] if rr == r.round])["p50_ms"],
-            "dispatch_max_ms": percentiles([d for rr, d in m["dispatch"] if rr == r.round])["max_ms"],
-        } for r in rows],
+        "round_details": [
+            {
+                "round": r.round,
+                "attempt": attempts.get(r.round, 0),
+                "cohort_size": r.cohort_size,
+                "completed": r.completed,
+                "dropped": r.dropped,
+                "rejected": r.rejected,
+                "round_seconds": r.round_seconds,
+                "wait_seconds": r.wait_seconds,
+                "aggregate_seconds": r.aggregate_seconds,
+                "evaluate_seconds": r.evaluate_seconds,
+                "opened_s": round(r.opened_unix_ms / 1000 - start_unix, 3),
+                "committed_s": round(r.committed_unix_ms / 1000 - start_unix, 3),
+                "dispatch_p50_ms": percentiles([d for rr, d in m["dispatch"] if rr == r.round])["p50_ms"],
+                "dispatch_max_ms": percentiles([d for rr, d in m["dispatch"] if rr == r.round])["max_ms"],
+            }
+            for r in rows
+        ],
     }
     return summary, flat
 
@@ -674,64 +827,99 @@ def print_tables(console: Any, flat: list[dict[str, Any]], s: dict[str, Any], ti
     table = Table(title=title, title_justify="left")
     for col in ("RPC / measure", "count", "errors", "p50 ms", "p90 ms", "p99 ms", "max ms"):
         table.add_column(col, justify="left" if col == "RPC / measure" else "right")
-    for row, (_, _, what) in zip(flat, MEASURES):
-        table.add_row(what, f"{row['count']:,}", str(row["errors"]) if row["errors"] != "" else "",
-                      fmt_ms(row["p50_ms"]), fmt_ms(row["p90_ms"]), fmt_ms(row["p99_ms"]), fmt_ms(row["max_ms"]))
+    for row, (_, _, what) in zip(flat, MEASURES, strict=False):
+        table.add_row(
+            what,
+            f"{row['count']:,}",
+            str(row["errors"]) if row["errors"] != "" else "",
+            fmt_ms(row["p50_ms"]),
+            fmt_ms(row["p90_ms"]),
+            fmt_ms(row["p99_ms"]),
+            fmt_ms(row["max_ms"]),
+        )
     console.print(table)
 
     summary = Table(title="Summary", title_justify="left", show_header=False)
     summary.add_column("what")
     summary.add_column("value", justify="right")
     opt = lambda v, f="{}": "—" if v is None else f.format(v)  # noqa: E731
-    summary.add_row("clients / cohort / workers / channels",
-                    f"{s['clients']} / {s['cohort']} / {s['workers']} / {s['channels_total']} ({s['channel_mode']})")
-    summary.add_row("rounds committed (failed attempts)", f"{s['rounds_committed']}/{s['rounds']} ({s['failed_round_attempts']})")
-    summary.add_row("seconds per round: mean / max",
-                    f"{opt(s['seconds_per_round_mean'], '{:.2f}')} / {opt(s['seconds_per_round_max'], '{:.2f}')}")
-    summary.add_row("updates accepted / rejected / lost",
-                    f"{s['accepted_updates']} / {s['rejected_updates']} / {s['lost_updates']}")
-    summary.add_row("ledger: completed / rejected / dropped",
-                    f"{s['ledger_completed']} / {s['ledger_rejected']} / {s['ledger_dropped']}")
-    summary.add_row("throughput: RPCs/s (active window) / updates/s (first open -> last commit)",
-                    f"{opt(s['rpcs_per_s'])} ({s['rpcs_total']:,} RPCs in {s['active_seconds']} s) / "
-                    f"{opt(s['updates_per_s'])}")
-    summary.add_row("coordinator RSS: before clients / peak / end (MiB)",
-                    f"{opt(s['rss_before_clients_mib'], '{:.0f}')} / {opt(s['peak_rss_mib'], '{:.0f}')} / "
-                    f"{opt(s['rss_end_mib'], '{:.0f}')}")
-    summary.add_row("coordinator CPU: seconds / mean % of one core / peak threads",
-                    f"{opt(s['coordinator_cpu_seconds'])} / {opt(s['coordinator_cpu_mean_pct'])} / "
-                    f"{opt(s['peak_coordinator_threads'])}")
-    summary.add_row("client workers: CPU seconds each / event-loop lag p99 ms",
-                    f"{s['worker_cpu_seconds']} / {fmt_ms(s['worker_loop_lag_p99_ms'])}")
+    summary.add_row(
+        "clients / cohort / workers / channels",
+        f"{s['clients']} / {s['cohort']} / {s['workers']} / {s['channels_total']} ({s['channel_mode']})",
+    )
+    summary.add_row(
+        "rounds committed (failed attempts)", f"{s['rounds_committed']}/{s['rounds']} ({s['failed_round_attempts']})"
+    )
+    summary.add_row(
+        "seconds per round: mean / max",
+        f"{opt(s['seconds_per_round_mean'], '{:.2f}')} / {opt(s['seconds_per_round_max'], '{:.2f}')}",
+    )
+    summary.add_row(
+        "updates accepted / rejected / lost", f"{s['accepted_updates']} / {s['rejected_updates']} / {s['lost_updates']}"
+    )
+    summary.add_row(
+        "ledger: completed / rejected / dropped",
+        f"{s['ledger_completed']} / {s['ledger_rejected']} / {s['ledger_dropped']}",
+    )
+    summary.add_row(
+        "throughput: RPCs/s (active window) / updates/s (first open -> last commit)",
+        f"{opt(s['rpcs_per_s'])} ({s['rpcs_total']:,} RPCs in {s['active_seconds']} s) / {opt(s['updates_per_s'])}",
+    )
+    summary.add_row(
+        "coordinator RSS: before clients / peak / end (MiB)",
+        f"{opt(s['rss_before_clients_mib'], '{:.0f}')} / {opt(s['peak_rss_mib'], '{:.0f}')} / "
+        f"{opt(s['rss_end_mib'], '{:.0f}')}",
+    )
+    summary.add_row(
+        "coordinator CPU: seconds / mean % of one core / peak threads",
+        f"{opt(s['coordinator_cpu_seconds'])} / {opt(s['coordinator_cpu_mean_pct'])} / "
+        f"{opt(s['peak_coordinator_threads'])}",
+    )
+    summary.add_row(
+        "client workers: CPU seconds each / event-loop lag p99 ms",
+        f"{s['worker_cpu_seconds']} / {fmt_ms(s['worker_loop_lag_p99_ms'])}",
+    )
     summary.add_row("client outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(s["client_outcomes"].items())))
     summary.add_row("wall time (coordinator start -> results)", f"{s['wall_seconds']:.1f} s")
     console.print(summary)
 
 
-def plot(samples: list[dict[str, float]], flat: list[dict[str, Any]], per_second: dict[str, Counter[int]],
-         s: dict[str, Any], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(
+    samples: list[dict[str, float]],
+    flat: list[dict[str, Any]],
+    per_second: dict[str, Counter[int]],
+    s: dict[str, Any],
+    path: Path,
+    title: str,
+) -> Path:
+    import matplotlib.pyplot as plt  # fedgen.coordinator.plots selected the Agg backend
 
     fig, (ax_rss, ax_lat, ax_tp) = plt.subplots(1, 3, figsize=(18, 5))
     t = [x["t_s"] for x in samples]
     ax_rss.plot(t, [x["rss_mib"] for x in samples], color="tab:blue", label="VmRSS")
-    ax_rss.set(xlabel="seconds since coordinator start", ylabel="coordinator RSS (MiB)",
-               title=f"coordinator memory and CPU (every {RSS_INTERVAL_S} s)")
+    ax_rss.set(
+        xlabel="seconds since coordinator start",
+        ylabel="coordinator RSS (MiB)",
+        title=f"coordinator memory and CPU (every {RSS_INTERVAL_S} s)",
+    )
     ax_rss.set_ylim(bottom=0)
     for r in s["round_details"]:
         ax_rss.axvspan(r["opened_s"], r["committed_s"], color="tab:green", alpha=0.12)
     ax_cpu = ax_rss.twinx()
     if len(samples) > 1:
-        cpu_pct = [100 * (b["cpu_s"] - a["cpu_s"]) / max(1e-6, b["t_s"] - a["t_s"]) for a, b in zip(samples, samples[1:])]
+        cpu_pct = [
+            100 * (b["cpu_s"] - a["cpu_s"]) / max(1e-6, b["t_s"] - a["t_s"]) for a, b in itertools.pairwise(samples)
+        ]
         ax_cpu.plot(t[1:], cpu_pct, color="tab:red", alpha=0.5, linewidth=0.8, label="CPU % of one core")
     ax_cpu.set_ylabel("coordinator CPU (% of one core)")
     ax_cpu.set_ylim(bottom=0)
     handles = ax_rss.get_legend_handles_labels()[0] + ax_cpu.get_legend_handles_labels()[0]
-    ax_rss.legend(handles + [plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.12)],
-                  [h.get_label() for h in handles] + ["round open -> committed"], fontsize=8, loc="lower right")
+    ax_rss.legend(
+        [*handles, plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.12)],
+        [h.get_label() for h in handles] + ["round open -> committed"],
+        fontsize=8,
+        loc="lower right",
+    )
     ax_rss.grid(alpha=0.3)
 
     shown = [r for r in flat if r["count"] and not math.isnan(r["p50_ms"])]
@@ -749,16 +937,15 @@ def plot(samples: list[dict[str, float]], flat: list[dict[str, Any]], per_second
     xs = np.arange(horizon)
     stacks = [np.array([per_second.get(rpc, Counter()).get(int(x), 0) for x in xs]) for rpc in RPC_NAMES]
     ax_tp.stackplot(xs, *stacks, labels=RPC_NAMES, step="post")
-    ax_tp.set(xlabel="seconds since coordinator start", ylabel="RPCs completed per second",
-              title="throughput (client side, all workers)")
+    ax_tp.set(
+        xlabel="seconds since coordinator start",
+        ylabel="RPCs completed per second",
+        title="throughput (client side, all workers)",
+    )
     ax_tp.legend(fontsize=8, loc="upper right")
     ax_tp.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -790,8 +977,10 @@ def main(argv: list[str] | None = None) -> int:
         sampler = ProcSampler(fed.coordinator_proc.pid, start_unix)
         before = sampler.sample()
         sampler.start()
-        console.print(f"{NAME}: coordinator pid {fed.coordinator_proc.pid} on {fed.address}; {args.clients} clients "
-                      f"in {args.workers} worker processes, cohort {args.cohort}, {args.rounds} rounds; work dir {out}")
+        console.print(
+            f"{NAME}: coordinator pid {fed.coordinator_proc.pid} on {fed.address}; {args.clients} clients "
+            f"in {args.workers} worker processes, cohort {args.cohort}, {args.rounds} rounds; work dir {out}"
+        )
         results = run_workers(args, fed.address, out, start_unix)
         merged = merge(results)
         try:
@@ -807,9 +996,13 @@ def main(argv: list[str] | None = None) -> int:
     summary["rss_before_clients_mib"] = round(before["rss_mib"], 1) if before else None
     summary["wall_seconds"] = round(time.time() - start_unix, 1)
     summary["coordinator_exit_code"] = coord_code
-    print_tables(console, flat, summary,
-                 f"Load: {args.clients} clients ({args.workers} worker processes, {summary['channel_mode']}), "
-                 f"cohort {args.cohort}, {args.rounds} rounds, FedAvg, one coordinator process over loopback")
+    print_tables(
+        console,
+        flat,
+        summary,
+        f"Load: {args.clients} clients ({args.workers} worker processes, {summary['channel_mode']}), "
+        f"cohort {args.cohort}, {args.rounds} rounds, FedAvg, one coordinator process over loopback",
+    )
 
     bench_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     bench_config["out"] = str(out)
@@ -817,30 +1010,38 @@ def main(argv: list[str] | None = None) -> int:
         **summary,
         "notes": {
             "PollTask": "PollTask = non-waiting polls (max_wait_ms=0: the first poll after Join and after each "
-                        "upload). Long polls are held by the server until there is a task, so their time is waiting "
-                        "by design; they are reported as is by outcome (PollTask.long.*), and two derived measures "
-                        "time the server: PollTask.dispatch = round opened (TrainTask.deadline_unix_ms - "
-                        "round_timeout) -> TRAIN received, PollTask.overshoot = time a WAIT long poll was held "
-                        "beyond its max_wait_ms.",
+            "upload). Long polls are held by the server until there is a task, so their time is waiting "
+            "by design; they are reported as is by outcome (PollTask.long.*), and two derived measures "
+            "time the server: PollTask.dispatch = round opened (TrainTask.deadline_unix_ms - "
+            "round_timeout) -> TRAIN received, PollTask.overshoot = time a WAIT long poll was held "
+            "beyond its max_wait_ms.",
             "latency": "client-side wall time per call (a stream: call -> last message), successful calls only; "
-                       "failed calls are counted in errors by status code. Clients and coordinator share the "
-                       "machine's cores (worker_loop_lag_p99_ms says how late the clients' own loops ran).",
+            "failed calls are counted in errors by status code. Clients and coordinator share the "
+            "machine's cores (worker_loop_lag_p99_ms says how late the clients' own loops ran).",
             "lost_updates": "acknowledged as accepted by UploadUpdate but not a 'completed' entry of that round "
-                            "in Control GetLedger",
+            "in Control GetLedger",
             "rejected_updates": "uploads that ended with a non-transient status (after retries) or an ack "
-                                "with accepted=false",
+            "with accepted=false",
         },
         "rss_timeline": [[x["t_s"], round(x["rss_mib"], 2), round(x["cpu_s"], 2)] for x in sampler.samples],
         "rss_timeline_columns": ["t_s", "rss_mib", "coordinator_cpu_s"],
-        "throughput_per_second": {rpc: {str(k): v for k, v in sorted(c.items())} for rpc, c in merged["per_second"].items()},
+        "throughput_per_second": {
+            rpc: {str(k): v for k, v in sorted(c.items())} for rpc, c in merged["per_second"].items()
+        },
         "config": {"benchmark": bench_config, "coordinator": config.model_dump(mode="json")},
         "code": code_version(),
     }
     json_path = write_results(NAME, command_line(SCRIPT, argv), flat, extra, results_dir=args.results_dir)
-    png = plot(sampler.samples, flat, merged["per_second"], summary, args.results_dir / f"{NAME}.png",
-               f"{args.clients} simulated clients, cohort {args.cohort}, {args.rounds} rounds: "
-               f"peak RSS {summary['peak_rss_mib']} MiB, lost {summary['lost_updates']}, "
-               f"rejected {summary['rejected_updates']}")
+    png = plot(
+        sampler.samples,
+        flat,
+        merged["per_second"],
+        summary,
+        args.results_dir / f"{NAME}.png",
+        f"{args.clients} simulated clients, cohort {args.cohort}, {args.rounds} rounds: "
+        f"peak RSS {summary['peak_rss_mib']} MiB, lost {summary['lost_updates']}, "
+        f"rejected {summary['rejected_updates']}",
+    )
     console.print(f"results: {json_path}, {json_path.with_suffix('.csv')}, {png}\nlogs and state: {out}")
 
     problems = []
@@ -855,22 +1056,28 @@ def main(argv: list[str] | None = None) -> int:
     if merged["torch_imported"]:
         problems.append("a client worker imported torch")
     if problems:
-        console.print(f"[red]{NAME}: {'; '.join(problems)}; see {out}/coordinator.log; "
-                      f"client problems: {summary['client_problems'][:5]}[/red]")
+        console.print(
+            f"[red]{NAME}: {'; '.join(problems)}; see {out}/coordinator.log; "
+            f"client problems: {summary['client_problems'][:5]}[/red]"
+        )
         return 1
     return 0
 
 
 def code_version() -> dict[str, Any]:
     """The commit measured, and which server-side files differed from it (the figures are for that tree)."""
+
     def git(*cmd: str) -> str:
         try:
             return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
+
     status = git("status", "--porcelain", "--", "coordinator", "fedcore", "export", "proto")
-    return {"commit": git("rev-parse", "HEAD").strip() or None,
-            "uncommitted_server_files": [line[3:] for line in status.splitlines() if line.strip()]}
+    return {
+        "commit": git("rev-parse", "HEAD").strip() or None,
+        "uncommitted_server_files": [line[3:] for line in status.splitlines() if line.strip()],
+    }
 
 
 def _runs_dir() -> Path:

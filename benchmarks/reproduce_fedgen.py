@@ -22,6 +22,7 @@ Per-run JSON files (ledger-derived per-round numbers) go to <out>/results/; `--r
 whose file exists, and `--summarise-only` rebuilds benchmarks/results/reproduce_fedgen{,_fashion}.*
 from whatever runs have finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import grpc
+import numpy as np
+from common import REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, machine_info, shared_data_dir, write_results
+from rich.console import Console
+from rich.table import Table
 
-from common import (REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, machine_info,  # noqa: E402
-                    shared_data_dir, write_results)
-from fedgen.coordinator.config import ConfigError, CoordinatorConfig, load_config  # noqa: E402
-from fedgen.coordinator.evaluation import evaluate_state  # noqa: E402
-from fedgen.coordinator.ledger import read_jsonl  # noqa: E402
-from fedgen.coordinator.local import LocalFederation, write_shards  # noqa: E402
-from fedgen.export.codec import bundle_from_bytes, decode_state  # noqa: E402
-from fedgen.core.data import (Dataset, DataError, dirichlet_partition, label_histogram,  # noqa: E402
-                          label_restricted_test_split, load_idx_dataset, load_shard, normalize_images)
-from fedgen.v1 import control_pb2  # noqa: E402
+from fedgen.coordinator.config import ConfigError, CoordinatorConfig, load_config
+from fedgen.coordinator.evaluation import evaluate_state
+from fedgen.coordinator.ledger import read_jsonl
+from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.coordinator.plots import save_figure
+from fedgen.core.data import (
+    DataError,
+    Dataset,
+    dirichlet_partition,
+    label_histogram,
+    label_restricted_test_split,
+    load_idx_dataset,
+    load_shard,
+    normalize_images,
+)
+from fedgen.export.codec import bundle_from_bytes, decode_state
+from fedgen.v1 import control_pb2
 
 SCRIPT = "benchmarks/reproduce_fedgen.py"
 EVENT = control_pb2.RoundEvent
@@ -62,9 +71,11 @@ LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedgen": "FedGen"}
 DATASETS = {"mnist": ("mnist", "reproduce_fedgen"), "fashion-mnist": ("fashion-mnist", "reproduce_fedgen_fashion")}
 
 # FedGen paper, Table 1 (MNIST, widely cited; not checked against the PDF: approximate), in %.
-PAPER_TABLE1 = {0.05: {"fedavg": 87.70, "fedgen": 91.30},
-                0.1: {"fedavg": 90.16, "fedgen": 93.03},
-                1.0: {"fedavg": 93.84, "fedgen": 95.52}}
+PAPER_TABLE1 = {
+    0.05: {"fedavg": 87.70, "fedgen": 91.30},
+    0.1: {"fedavg": 90.16, "fedgen": 93.03},
+    1.0: {"fedavg": 93.84, "fedgen": 95.52},
+}
 # Maintainer's verified rerun of the official code (issue #7), MNIST alpha=0.1: (mean, std) in %.
 MAINTAINER_RERUN = {0.1: {"fedavg": (90.71, 1.17), "fedgen": (95.68, 0.20)}}
 
@@ -75,24 +86,29 @@ NOTES = {
         "local test splits (label_restricted_test_split, each user tested only on labels it trains on); accuracy "
         "= total correct / total local test samples. Per seed: mean of the top-5 rounds. Reported: mean and "
         "population std (ddof=0) of those per-seed values over seeds; std_pooled_top5 is the official "
-        "plot_utils statistic (std over all seeds' top-5 values pooled)."),
+        "plot_utils statistic (std over all seeds' top-5 values pooled)."
+    ),
     "bn_statistics_caveat": (
         "This is exactly the official evaluate() except for BatchNorm running statistics: our coordinator "
         "averages BN buffers into the global model, so every user is evaluated with the globally averaged "
         "running mean/var; in the official code BN buffers are never sent, so each user's model keeps its own "
         "running statistics. The official evaluate() also scores the model broadcast at the start of a round "
         "(the previous round's aggregate); we score every committed aggregate, i.e. the same models shifted by "
-        "one round (plus the final aggregate, minus the random initial model)."),
+        "one round (plus the final aggregate, minus the random initial model)."
+    ),
     "global_metric": (
         "The final round's global model on the full 10,000-image test set (the ledger's test_accuracy of the "
-        "last committed round); mean and population std over seeds; best_round_* is the best round's value."),
+        "last committed round); mean and population std over seeds; best_round_* is the best round's value."
+    ),
     "rounds_to_fedavg_final": (
         "Per strategy and seed: the first round (1-based) whose global-metric accuracy reaches FedAvg's final "
-        "global accuracy at the same alpha and seed; None if never. The mean is over seeds that reached it."),
+        "global accuracy at the same alpha and seed; None if never. The mean is over seeds that reached it."
+    ),
     "references": (
         "paper_table1: FedGen paper Table 1 as widely cited (MNIST, alpha 0.05/0.1/1.0), approximate. "
         "maintainer_rerun: official repo issue #7, the maintainer's rerun at alpha 0.1 after the loader-shuffle "
-        "fix, 3 seeds, top-5 metric with each user's own BN statistics. No FedProx reference is used here."),
+        "fix, 3 seeds, top-5 metric with each user's own BN statistics. No FedProx reference is used here."
+    ),
 }
 
 
@@ -116,25 +132,38 @@ def _names(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--alphas", type=_floats, default=[0.05, 0.1], help="Dirichlet alphas, comma-separated")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds, comma-separated")
     p.add_argument("--strategies", type=_names, default=list(STRATEGIES), help="comma-separated")
     p.add_argument("--rounds", type=int, default=200)
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
-                   help="fashion-mnist is an extension (same setting), not in the paper")
+    p.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="mnist",
+        help="fashion-mnist is an extension (same setting), not in the paper",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="IDX files (default: shared/data/<dataset>)")
-    p.add_argument("--teacher-weighting", choices=("per_sample", "official"), default="per_sample",
-                   help="fedgen.teacher_weighting")
+    p.add_argument(
+        "--teacher-weighting", choices=("per_sample", "official"), default="per_sample", help="fedgen.teacher_weighting"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="fedgen.device (generator)")
     p.add_argument("--round-timeout", type=float, default=120.0, help="federation.round_timeout_s")
     p.add_argument("--client-threads", type=int, default=1, help="torch threads per edge client")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "reproduce_fedgen",
-                   help="work dir: shards, per-run state/logs, per-run JSON under <out>/results")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "runs" / "reproduce_fedgen",
+        help="work dir: shards, per-run state/logs, per-run JSON under <out>/results",
+    )
     p.add_argument("--resume", action="store_true", help="skip runs whose per-run JSON already exists")
-    p.add_argument("--summarise-only", action="store_true",
-                   help="run nothing; rebuild the table/JSON/PNG from the per-run JSON files in --out")
+    p.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="run nothing; rebuild the table/JSON/PNG from the per-run JSON files in --out",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON, CSV and PNG go")
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -151,8 +180,9 @@ def run_key(dataset: str, alpha: float, seed: int, strategy: str) -> str:
     return f"{dataset}_a{alpha:g}_s{seed}_{strategy}"
 
 
-def prepare_shards(console: Console, train: Dataset, test: Dataset, out: Path, dataset: str,
-                   alpha: float, seed: int) -> tuple[list[Path], dict[str, Any]]:
+def prepare_shards(
+    console: Console, train: Dataset, test: Dataset, out: Path, dataset: str, alpha: float, seed: int
+) -> tuple[list[Path], dict[str, Any]]:
     """One partition per (alpha, seed), shared by every strategy; written once, checked on reuse."""
     parts = dirichlet_partition(train.labels, N_USERS, alpha, seed=seed, samples_per_class=SAMPLES_PER_CLASS)
     test_parts = label_restricted_test_split(test.labels, [train.labels[p] for p in parts], seed=seed)
@@ -161,8 +191,16 @@ def prepare_shards(console: Console, train: Dataset, test: Dataset, out: Path, d
     paths = [shard_dir / f"client-{k:02d}.npz" for k in range(N_USERS)]
     if not all(p.exists() for p in paths):
         # write_shards re-runs dirichlet_partition with these same arguments: the same parts.
-        paths, hist_w = write_shards(train, shard_dir, N_USERS, alpha, seed, samples_per_class=SAMPLES_PER_CLASS,
-                                     test=test, test_parts=test_parts)
+        paths, hist_w = write_shards(
+            train,
+            shard_dir,
+            N_USERS,
+            alpha,
+            seed,
+            samples_per_class=SAMPLES_PER_CLASS,
+            test=test,
+            test_parts=test_parts,
+        )
         if not np.array_equal(hist_w, hist):
             raise BenchmarkError(f"write_shards partitioned differently from dirichlet_partition ({shard_dir})")
     for k, path in enumerate(paths):  # cheap check that the shards on disk are this partition
@@ -173,35 +211,51 @@ def prepare_shards(console: Console, train: Dataset, test: Dataset, out: Path, d
     info = {
         "train_images": int(hist.sum()),
         "label_histogram": hist.tolist(),
-        "train_sizes": [int(len(p)) for p in parts],
+        "train_sizes": [len(p) for p in parts],
         "labels_per_user": [int(v) for v in (hist > 0).sum(1)],
-        "local_test_sizes": [int(len(t)) for t in test_parts],
-        "local_test_total": int(len(local_idx)),
+        "local_test_sizes": [len(t) for t in test_parts],
+        "local_test_total": len(local_idx),
     }
-    console.print(f"partition {dataset} alpha={alpha:g} seed={seed}: {info['train_images']} train images, "
-                  f"user sizes {min(info['train_sizes'])}..{max(info['train_sizes'])}, labels/user "
-                  f"{min(info['labels_per_user'])}..{max(info['labels_per_user'])}, "
-                  f"local test {info['local_test_total']} images; shards {shard_dir}")
+    console.print(
+        f"partition {dataset} alpha={alpha:g} seed={seed}: {info['train_images']} train images, "
+        f"user sizes {min(info['train_sizes'])}..{max(info['train_sizes'])}, labels/user "
+        f"{min(info['labels_per_user'])}..{max(info['labels_per_user'])}, "
+        f"local test {info['local_test_total']} images; shards {shard_dir}"
+    )
     return paths, {**info, "_local_test": (normalize_images(test.images[local_idx]), test.labels[local_idx])}
 
 
 # --------------------------------------------------------------------------- one run
 
 
-def build_config(args: argparse.Namespace, strategy: str, seed: int, data_dir: Path, state_dir: Path) -> CoordinatorConfig:
-    return load_config(None, {
-        "state_dir": str(state_dir),
-        "server": {"address": "127.0.0.1:0"},
-        "federation": {
-            "strategy": strategy, "rounds": args.rounds, "clients_per_round": PER_ROUND,
-            "min_clients": N_USERS, "min_completed": PER_ROUND, "round_timeout_s": args.round_timeout,
-            "seed": seed,
+def build_config(
+    args: argparse.Namespace, strategy: str, seed: int, data_dir: Path, state_dir: Path
+) -> CoordinatorConfig:
+    return load_config(
+        None,
+        {
+            "state_dir": str(state_dir),
+            "server": {"address": "127.0.0.1:0"},
+            "federation": {
+                "strategy": strategy,
+                "rounds": args.rounds,
+                "clients_per_round": PER_ROUND,
+                "min_clients": N_USERS,
+                "min_completed": PER_ROUND,
+                "round_timeout_s": args.round_timeout,
+                "seed": seed,
+            },
+            "training": {
+                "local_steps": 20,
+                "batch_size": 32,
+                "learning_rate": 0.01,
+                "lr_decay": 0.99,
+                "proximal_mu": 0.001,
+            },
+            "fedgen": {"teacher_weighting": args.teacher_weighting, "device": args.device},
+            "data": {"test_data_dir": str(data_dir), "evaluate_every": 1},
         },
-        "training": {"local_steps": 20, "batch_size": 32, "learning_rate": 0.01, "lr_decay": 0.99,
-                     "proximal_mu": 0.001},
-        "fedgen": {"teacher_weighting": args.teacher_weighting, "device": args.device},
-        "data": {"test_data_dir": str(data_dir), "evaluate_every": 1},
-    })
+    )
 
 
 def run_federation(console: Console, fed: LocalFederation, label: str, rounds: int, timeout_s: float) -> int:
@@ -213,12 +267,16 @@ def run_federation(console: Console, fed: LocalFederation, label: str, rounds: i
             r = event.round
             if r == 0 or (r + 1) % 25 == 0 or r + 1 == rounds:
                 acc = event.ledger_row.test_accuracy
-                console.print(f"  {label}: round {r + 1:4d}/{rounds} global acc "
-                              f"{'—' if math.isnan(acc) else f'{100 * acc:.2f}%'} "
-                              f"(elapsed {time.monotonic() - t0:.0f} s)")
+                console.print(
+                    f"  {label}: round {r + 1:4d}/{rounds} global acc "
+                    f"{'—' if math.isnan(acc) else f'{100 * acc:.2f}%'} "
+                    f"(elapsed {time.monotonic() - t0:.0f} s)"
+                )
         elif event.kind == EVENT.KIND_UPDATE_REJECTED:
-            console.print(f"  [yellow]{label}: round {event.round + 1}: update from {event.client_id} "
-                          f"rejected: {event.message}[/yellow]")
+            console.print(
+                f"  [yellow]{label}: round {event.round + 1}: update from {event.client_id} "
+                f"rejected: {event.message}[/yellow]"
+            )
         elif event.kind == EVENT.KIND_ROUND_FAILED:
             failed += 1
             console.print(f"  [yellow]{label}: round {event.round + 1} failed: {event.message}[/yellow]")
@@ -227,7 +285,9 @@ def run_federation(console: Console, fed: LocalFederation, label: str, rounds: i
     return failed
 
 
-def paper_accuracies(state_dir: Path, rows: list[dict[str, Any]], local_test: tuple[np.ndarray, np.ndarray]) -> list[float]:
+def paper_accuracies(
+    state_dir: Path, rows: list[dict[str, Any]], local_test: tuple[np.ndarray, np.ndarray]
+) -> list[float]:
     """Every committed global model on the concatenated local test splits of all users."""
     import torch
 
@@ -247,8 +307,17 @@ def _extra_series(rows: list[dict[str, Any]], key: str) -> list[float | None]:
     return [None if v is None else float(v) for v in vals]
 
 
-def do_run(console: Console, args: argparse.Namespace, data_dir: Path, shards: list[Path], part: dict[str, Any],
-           alpha: float, seed: int, strategy: str, result_path: Path) -> dict[str, Any] | None:
+def do_run(
+    console: Console,
+    args: argparse.Namespace,
+    data_dir: Path,
+    shards: list[Path],
+    part: dict[str, Any],
+    alpha: float,
+    seed: int,
+    strategy: str,
+    result_path: Path,
+) -> dict[str, Any] | None:
     key = result_path.stem
     run_dir = args.out / "runs" / key
     if run_dir.exists():  # an interrupted attempt: coordinator state is not resumable across processes here
@@ -264,8 +333,10 @@ def do_run(console: Console, args: argparse.Namespace, data_dir: Path, shards: l
             fed.start_clients()
             failed = run_federation(console, fed, label, args.rounds, timeout_s)
         except grpc.RpcError as err:
-            console.print(f"[red]{label}: lost the event stream: {err.code().name} {err.details()}; "
-                          f"see {run_dir}/coordinator.log[/red]")
+            console.print(
+                f"[red]{label}: lost the event stream: {err.code().name} {err.details()}; "
+                f"see {run_dir}/coordinator.log[/red]"
+            )
             return None
         except (RuntimeError, TimeoutError) as err:
             console.print(f"[red]{label}: {err}[/red]")
@@ -277,8 +348,10 @@ def do_run(console: Console, args: argparse.Namespace, data_dir: Path, shards: l
     ledger_path = run_dir / "state" / "ledger.jsonl"
     rows = sorted(read_jsonl(ledger_path), key=lambda r: r["round"]) if ledger_path.exists() else []
     if len(rows) != args.rounds:
-        console.print(f"[red]{label}: {len(rows)} of {args.rounds} rounds committed; not saved "
-                      f"(see {run_dir}/coordinator.log)[/red]")
+        console.print(
+            f"[red]{label}: {len(rows)} of {args.rounds} rounds committed; not saved "
+            f"(see {run_dir}/coordinator.log)[/red]"
+        )
         return None
     t0 = time.monotonic()
     paper = paper_accuracies(run_dir / "state", rows, part["_local_test"])
@@ -286,7 +359,11 @@ def do_run(console: Console, args: argparse.Namespace, data_dir: Path, shards: l
     global_acc = [None if r.get("test_accuracy") is None else float(r["test_accuracy"]) for r in rows]
     gen_cuda = _extra_series(rows, "generator_on_cuda")
     record = {
-        "dataset": args.dataset, "alpha": alpha, "seed": seed, "strategy": strategy, "rounds": len(rows),
+        "dataset": args.dataset,
+        "alpha": alpha,
+        "seed": seed,
+        "strategy": strategy,
+        "rounds": len(rows),
         "global": global_acc,
         "paper": paper,
         "cohort_federated": _extra_series(rows, "federated_accuracy"),
@@ -313,8 +390,10 @@ def do_run(console: Console, args: argparse.Namespace, data_dir: Path, shards: l
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(result_path)
-    console.print(f"  {label}: done in {fed_seconds:.0f} s (+{eval_seconds:.0f} s federated evaluation): final global "
-                  f"{100 * global_acc[-1]:.2f}%, paper top-5 {100 * top5(paper):.2f}%; {result_path}")
+    console.print(
+        f"  {label}: done in {fed_seconds:.0f} s (+{eval_seconds:.0f} s federated evaluation): final global "
+        f"{100 * global_acc[-1]:.2f}%, paper top-5 {100 * top5(paper):.2f}%; {result_path}"
+    )
     return record
 
 
@@ -368,14 +447,25 @@ def summarise(records: list[dict[str, Any]], rounds: int) -> tuple[list[dict[str
                 continue
             seeds = [r["seed"] for r in recs]
             dataset = recs[0]["dataset"]
-            curves[f"{alpha:g}"][strategy] = {str(r["seed"]): {"global": r["global"], "paper": r["paper"]} for r in recs}
+            curves[f"{alpha:g}"][strategy] = {
+                str(r["seed"]): {"global": r["global"], "paper": r["paper"]} for r in recs
+            }
             # paper metric
             per_seed_top5 = [top5(r["paper"]) for r in recs]
             pooled = [v for r in recs for v in sorted(r["paper"])[-5:]]
             m, s = _mean_std(per_seed_top5)
-            paper_row = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "metric": "paper",
-                         "mean": m, "std": s, "seeds": seeds, "rounds": rounds, "per_seed": per_seed_top5,
-                         "std_pooled_top5": float(np.std(pooled)) if pooled else math.nan}
+            paper_row = {
+                "dataset": dataset,
+                "alpha": alpha,
+                "strategy": strategy,
+                "metric": "paper",
+                "mean": m,
+                "std": s,
+                "seeds": seeds,
+                "rounds": rounds,
+                "per_seed": per_seed_top5,
+                "std_pooled_top5": float(np.std(pooled)) if pooled else math.nan,
+            }
             # global metric
             finals = [r["global"][-1] for r in recs]
             bests = [max(v for v in r["global"] if v is not None) for r in recs]
@@ -386,11 +476,22 @@ def summarise(records: list[dict[str, Any]], rounds: int) -> tuple[list[dict[str
                 ref = by.get((alpha, "fedavg", r["seed"]))
                 to_fedavg.append(None if ref is None else first_reaching(r["global"], ref["global"][-1]))
             reached = [v for v in to_fedavg if v is not None]
-            global_row = {"dataset": dataset, "alpha": alpha, "strategy": strategy, "metric": "global",
-                          "mean": m, "std": s, "seeds": seeds, "rounds": rounds, "per_seed": finals,
-                          "best_round_mean": bm, "best_round_std": bs, "best_round_per_seed": bests,
-                          "rounds_to_fedavg_final_mean": statistics.fmean(reached) if reached else None,
-                          "rounds_to_fedavg_final_per_seed": to_fedavg}
+            global_row = {
+                "dataset": dataset,
+                "alpha": alpha,
+                "strategy": strategy,
+                "metric": "global",
+                "mean": m,
+                "std": s,
+                "seeds": seeds,
+                "rounds": rounds,
+                "per_seed": finals,
+                "best_round_mean": bm,
+                "best_round_std": bs,
+                "best_round_per_seed": bests,
+                "rounds_to_fedavg_final_mean": statistics.fmean(reached) if reached else None,
+                "rounds_to_fedavg_final_per_seed": to_fedavg,
+            }
             if strategy == "fedgen":
                 gen = [v for r in recs for v in r["generator_seconds"] if v is not None]
                 gsec = statistics.fmean(gen) if gen else None
@@ -424,8 +525,12 @@ def reference_text(dataset: str, alpha: float, strategy: str) -> str:
 
 def print_table(console: Console, dataset: str, rows: list[dict[str, Any]], teacher_weighting: str) -> None:
     alphas = sorted({r["alpha"] for r in rows})
-    table = Table(title=f"{dataset}: accuracy (%) after {rows[0]['rounds']} rounds, 20 users (10/round), "
-                        f"teacher_weighting={teacher_weighting}", title_justify="left", show_lines=True)
+    table = Table(
+        title=f"{dataset}: accuracy (%) after {rows[0]['rounds']} rounds, 20 users (10/round), "
+        f"teacher_weighting={teacher_weighting}",
+        title_justify="left",
+        show_lines=True,
+    )
     table.add_column("strategy")
     for a in alphas:
         table.add_column(f"α={a:g}\nours, paper metric\n(top-5, local tests)", justify="right")
@@ -446,15 +551,21 @@ def print_table(console: Console, dataset: str, rows: list[dict[str, Any]], teac
             per = g["rounds_to_fedavg_final_per_seed"]
             reached = sum(v is not None for v in per)
             rt = "—" if g["rounds_to_fedavg_final_mean"] is None else f"{g['rounds_to_fedavg_final_mean']:.0f}"
-            cells += [fmt_pm(p["mean"], p["std"], len(p["seeds"])), reference_text(dataset, a, strategy),
-                      fmt_pm(g["mean"], g["std"]), fmt_pm(g["best_round_mean"], g["best_round_std"]),
-                      f"{rt} ({reached}/{len(per)})"]
+            cells += [
+                fmt_pm(p["mean"], p["std"], len(p["seeds"])),
+                reference_text(dataset, a, strategy),
+                fmt_pm(g["mean"], g["std"]),
+                fmt_pm(g["best_round_mean"], g["best_round_std"]),
+                f"{rt} ({reached}/{len(per)})",
+            ]
         table.add_row(LABELS[strategy], *cells)
     console.print(table)
     for r in rows:
         if r["strategy"] == "fedgen" and r["metric"] == "paper" and r.get("generator_seconds_per_round") is not None:
-            console.print(f"FedGen generator training, alpha={r['alpha']:g}: "
-                          f"{r['generator_seconds_per_round']:.3f} s/round on {r.get('device')}")
+            console.print(
+                f"FedGen generator training, alpha={r['alpha']:g}: "
+                f"{r['generator_seconds_per_round']:.3f} s/round on {r.get('device')}"
+            )
     console.print(
         "paper metric = each committed global model on all 20 users' label-restricted local test splits, "
         "per seed mean of the top-5 rounds, mean±std (ddof=0) over n seeds; BN running statistics are the "
@@ -462,38 +573,38 @@ def print_table(console: Console, dataset: str, rows: list[dict[str, Any]], teac
         "reference: 'T1' = FedGen paper Table 1 as widely cited (approximate); 'rerun' = maintainer's verified "
         "rerun of the official code (issue #7, 3 seeds). FedProx: no reference.\n"
         "global = final round's model on the full 10k test set, mean±std over seeds; 'rounds to FedAvg final' = "
-        "mean first round whose global accuracy reaches FedAvg's final accuracy (same alpha, seed).")
+        "mean first round whose global accuracy reaches FedAvg's final accuracy (same alpha, seed)."
+    )
 
 
 def plot(curves: dict[str, Any], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # fedgen.coordinator.plots selected the Agg backend
 
     alphas = list(curves)
     fig, axes = plt.subplots(1, len(alphas), figsize=(7 * len(alphas), 4.8), squeeze=False)
     colors = {"fedavg": "tab:blue", "fedprox": "tab:orange", "fedgen": "tab:green"}
-    for ax, a in zip(axes[0], alphas):
+    for ax, a in zip(axes[0], alphas, strict=False):
         for strategy, per_seed in curves[a].items():
             for metric, style in (("global", "-"), ("paper", "--")):
                 series = [[np.nan if v is None else v for v in s[metric]] for s in per_seed.values()]
                 n = min(len(s) for s in series)
                 mean = 100 * np.nanmean(np.array([s[:n] for s in series]), axis=0)
-                ax.plot(np.arange(1, n + 1), mean, style, color=colors[strategy], linewidth=1.2,
-                        label=f"{LABELS[strategy]}, {'global (10k test)' if metric == 'global' else 'paper (local tests)'}"
-                              f" (n={len(series)})")
+                ax.plot(
+                    np.arange(1, n + 1),
+                    mean,
+                    style,
+                    color=colors[strategy],
+                    linewidth=1.2,
+                    label=f"{LABELS[strategy]}, {'global (10k test)' if metric == 'global' else 'paper (local tests)'}"
+                    f" (n={len(series)})",
+                )
         ax.set(xlabel="round", ylabel="accuracy (%)", title=f"alpha = {a}")
         lo = ax.get_ylim()[0]
         ax.set_ylim(max(lo, 50), 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -502,27 +613,58 @@ def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | 
     for s in skipped:
         console.print(f"[yellow]ignoring {s}[/yellow]")
     if not records:
-        console.print(f"[red]no finished {args.dataset} runs with {args.rounds} rounds under {args.out / 'results'}[/red]")
+        console.print(
+            f"[red]no finished {args.dataset} runs with {args.rounds} rounds under {args.out / 'results'}[/red]"
+        )
         return 1
     rows, curves = summarise(records, args.rounds)
     tw = sorted({r["coordinator_config"]["fedgen"]["teacher_weighting"] for r in records if r["strategy"] == "fedgen"})
     teacher_weighting = ",".join(tw) or args.teacher_weighting
     print_table(console, args.dataset, rows, teacher_weighting)
-    runs = [{k: rec[k] for k in ("alpha", "seed", "strategy", "federation_seconds", "paper_eval_seconds",
-                                 "failed_round_attempts", "client_exit_codes", "coordinator_exit_code", "device",
-                                 "run_dir")} for rec in records]
+    runs = [
+        {
+            k: rec[k]
+            for k in (
+                "alpha",
+                "seed",
+                "strategy",
+                "federation_seconds",
+                "paper_eval_seconds",
+                "failed_round_attempts",
+                "client_exit_codes",
+                "coordinator_exit_code",
+                "device",
+                "run_dir",
+            )
+        }
+        for rec in records
+    ]
     partitions = {f"a{rec['alpha']:g}_s{rec['seed']}": rec["partition"] for rec in records}
     extra = {
         "dataset": args.dataset,
-        "setting": {"users": N_USERS, "users_per_round": PER_ROUND, "samples_per_class": SAMPLES_PER_CLASS,
-                    "local_steps": 20, "batch_size": 32, "learning_rate": 0.01, "lr_decay": 0.99,
-                    "proximal_mu": 0.001, "min_completed": PER_ROUND, "round_timeout_s": args.round_timeout,
-                    "rounds": args.rounds, "client_threads": args.client_threads},
+        "setting": {
+            "users": N_USERS,
+            "users_per_round": PER_ROUND,
+            "samples_per_class": SAMPLES_PER_CLASS,
+            "local_steps": 20,
+            "batch_size": 32,
+            "learning_rate": 0.01,
+            "lr_decay": 0.99,
+            "proximal_mu": 0.001,
+            "min_completed": PER_ROUND,
+            "round_timeout_s": args.round_timeout,
+            "rounds": args.rounds,
+            "client_threads": args.client_threads,
+        },
         "teacher_weighting": teacher_weighting,
-        "references": {"paper_table1": {f"{a:g}": v for a, v in PAPER_TABLE1.items()},
-                       "maintainer_rerun": {f"{a:g}": {s: {"mean": m, "std": sd} for s, (m, sd) in v.items()}
-                                            for a, v in MAINTAINER_RERUN.items()}}
-        if args.dataset == "mnist" else None,
+        "references": {
+            "paper_table1": {f"{a:g}": v for a, v in PAPER_TABLE1.items()},
+            "maintainer_rerun": {
+                f"{a:g}": {s: {"mean": m, "std": sd} for s, (m, sd) in v.items()} for a, v in MAINTAINER_RERUN.items()
+            },
+        }
+        if args.dataset == "mnist"
+        else None,
         "notes": NOTES,
         "work_dir": str(args.out),
         "runs": runs,
@@ -530,9 +672,12 @@ def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | 
         "curves": curves,
     }
     json_path = write_results(name, command_line(SCRIPT, argv), rows, extra, results_dir=args.results_dir)
-    png = plot(curves, args.results_dir / f"{name}.png",
-               f"{args.dataset}: FedAvg / FedProx / FedGen, 20 users (10/round), mean over seeds\n"
-               f"solid = global model on the 10k test set, dashed = paper metric (local test splits)")
+    png = plot(
+        curves,
+        args.results_dir / f"{name}.png",
+        f"{args.dataset}: FedAvg / FedProx / FedGen, 20 users (10/round), mean over seeds\n"
+        f"solid = global model on the 10k test set, dashed = paper metric (local test splits)",
+    )
     console.print(f"results: {json_path}, {json_path.with_suffix('.csv')}, {png}")
     return 0
 
@@ -554,9 +699,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]reproduce_fedgen: {err}[/red]")
         return 2
     info = machine_info()
-    console.print(f"reproduce_fedgen: {args.dataset} from {data_dir}; alphas {args.alphas}, seeds {args.seeds}, "
-                  f"strategies {args.strategies}, {args.rounds} rounds; fedgen device {args.device} "
-                  f"(torch sees: {info['device']}); work dir {args.out}")
+    console.print(
+        f"reproduce_fedgen: {args.dataset} from {data_dir}; alphas {args.alphas}, seeds {args.seeds}, "
+        f"strategies {args.strategies}, {args.rounds} rounds; fedgen device {args.device} "
+        f"(torch sees: {info['device']}); work dir {args.out}"
+    )
     failures = []
     campaign_t0 = time.monotonic()
     for alpha in args.alphas:  # in the given order: the first alpha finishes (all seeds) before the next
@@ -564,7 +711,11 @@ def main(argv: list[str] | None = None) -> int:
             todo = []
             for strategy in args.strategies:
                 result_path = args.out / "results" / f"{run_key(args.dataset, alpha, seed, strategy)}.json"
-                if args.resume and result_path.exists() and json.loads(result_path.read_text())["rounds"] == args.rounds:
+                if (
+                    args.resume
+                    and result_path.exists()
+                    and json.loads(result_path.read_text())["rounds"] == args.rounds
+                ):
                     console.print(f"skip {result_path.name} (exists; --resume)")
                     continue
                 todo.append((strategy, result_path))

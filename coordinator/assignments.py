@@ -92,11 +92,16 @@ class TaskBoard:
             return None
         plan = r.plans.get(client_id)
         if plan is None:
-            plan = r.plans[client_id] = engine.transfers.plan(client_id, r.variants,
-                                                              self._registry[client_id].held_models)
+            plan = r.assign(
+                client_id, engine.transfers.plan(client_id, r.variants, self._registry[client_id].held_models)
+            )
         return TrainAssignment(
-            round=r.round, task_id=r.cohort[client_id], deadline_unix_ms=r.deadline_ms, plan=r.plan,
-            strategy=engine.strategy.name, model=plan.model,
+            round=r.round,
+            task_id=r.cohort[client_id],
+            deadline_unix_ms=r.deadline_ms,
+            plan=r.plan,
+            strategy=engine.strategy.name,
+            model=plan.model,
             label_space=tuple(engine.strategy.label_space(engine.model.n_classes)),
             artifacts=tuple(ArtifactOffer(kind, variant) for kind, variant in plan.artifacts.items()),
             upload_encoding=plan.upload,

@@ -7,14 +7,16 @@ that a coordinator mounted on someone else's `grpc.aio.Server` keeps the same gu
 (`fedgen.coordinator.server.coordinator_interceptors`). The servicers check credentials again
 (defence in depth, and to learn the caller's client id).
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 
@@ -83,65 +85,69 @@ class RateLimiter:
             )
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only aborts with `code`."""
+# Generic in the type stubs only: aliases by name, so nothing subscripts them at run time.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-    async def unary_response(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
 
-    async def stream_response(_request: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-        await context.abort(code, message)
-        yield  # pragma: no cover  (makes this an async generator, as streaming handlers are)
-
-    # No request deserializer: a refused call's bytes are never parsed.
-    kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
+def _handler_like(handler: Handler, behaviour: Any, streaming_behaviour: Any) -> Handler:
+    """A handler of the same shape (unary or streaming each way) as ``handler``, with no request
+    deserializer: the behaviour gets the request's raw bytes."""
+    kwargs: dict[str, Any] = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream_response, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(streaming_behaviour, **kwargs)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary_response, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(behaviour, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream_response, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary_response, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(streaming_behaviour, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
 
 
-def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+    """A handler of the same shape as ``handler`` that only aborts with ``code`` (a refused call's
+    bytes are never parsed)."""
+
+    async def unary_response(_request: Any, context: Context) -> None:
+        await context.abort(code, message)
+
+    async def stream_response(_request: Any, context: Context) -> AsyncIterator[Any]:
+        nothing: tuple[Any, ...] = ()
+        for item in nothing:  # an async generator, as streaming handlers are, that yields nothing
+            yield item
+        await context.abort(code, message)
+
+    return _handler_like(handler, unary_response, stream_response)
+
+
+def _parsing(handler: Handler) -> Handler:
     """The same handler, but it parses request bytes itself: malformed protobuf becomes
     INVALID_ARGUMENT naming the message type, instead of gRPC's UNKNOWN/INTERNAL."""
-    parse_bytes = handler.request_deserializer
+    parse_bytes: Callable[[bytes], Any] | None = handler.request_deserializer
     if parse_bytes is None:
         return handler
+    # grpc.aio handlers are coroutines (the stubs describe the synchronous API).
+    inner: Any = handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
 
-    async def parse(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def parse(raw: bytes, context: Context) -> Any:
         try:
             return parse_bytes(raw)
         except Exception as err:  # DecodeError, or anything a malformed message provokes
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {err}")
 
-    kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        async def stream_stream(raw_requests: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-            async def requests():  # type: ignore[no-untyped-def]
-                async for raw in raw_requests:
-                    yield await parse(raw, context)
-            async for item in handler.stream_stream(requests(), context):
-                yield item
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
-    if handler.request_streaming:
-        async def stream_unary(raw_requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async def requests():  # type: ignore[no-untyped-def]
-                async for raw in raw_requests:
-                    yield await parse(raw, context)
-            return await handler.stream_unary(requests(), context)
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
-    if handler.response_streaming:
-        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-            async for item in handler.unary_stream(await parse(raw, context), context):
-                yield item
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    async def parsed(raw_requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+        async for raw in raw_requests:
+            yield await parse(raw, context)
 
-    async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        return await handler.unary_unary(await parse(raw, context), context)
-    return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    async def unary_response(request: Any, context: Context) -> Any:
+        parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
+        return await inner(parsed_request, context)
+
+    async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
+        parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
+        async for item in inner(parsed_request, context):
+            yield item
+
+    return _handler_like(handler, unary_response, stream_response)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -157,11 +163,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
-        method = details.method
+        method: str = details.method
         if handler is None or not method.startswith((FLEET_PREFIX, CONTROL_PREFIX)):
             return handler
         secret = bearer_from_metadata(details.invocation_metadata)

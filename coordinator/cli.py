@@ -1,4 +1,5 @@
 """`fedgen`: serve a coordinator, partition data into client shards, or run the local demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,15 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 try:
     from fedgen.coordinator.config import ConfigError, CoordinatorConfig, load_config
 except ImportError as _missing:  # the base install is the edge client; the coordinator is an extra
-    raise SystemExit(f"fedgen: {_missing.name} is missing: the coordinator needs its extra, "
-                     "pip install 'fedgen-edge[coordinator]' (or pip install '.[coordinator]' from a checkout)") from None
+    raise SystemExit(
+        f"fedgen: {_missing.name} is missing: the coordinator needs its extra, "
+        "pip install 'fedgen-edge[coordinator]' (or pip install '.[coordinator]' from a checkout)"
+    ) from None
 from fedgen.coordinator.sqlite_store import StoreError
 from fedgen.core.data import DataError
 from fedgen.core.files import atomic_write
@@ -71,7 +75,7 @@ async def _serve(config: CoordinatorConfig, port_file: Path | None, linger_s: fl
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        overrides: dict = {}
+        overrides: dict[str, Any] = {}
         if args.address:
             overrides["server"] = {"address": args.address}
         if args.state_dir:
@@ -114,10 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="override server.address, e.g. 0.0.0.0:50051")
     serve.add_argument("--state-dir", type=Path, help="override state_dir")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    serve.add_argument("--exit-when-finished", action="store_true",
-                       help="exit after the last round (once clients heard DONE) instead of serving on")
-    serve.add_argument("--linger-s", type=float, default=15.0,
-                       help="with --exit-when-finished: wait at most this long for clients to hear DONE")
+    serve.add_argument(
+        "--exit-when-finished",
+        action="store_true",
+        help="exit after the last round (once clients heard DONE) instead of serving on",
+    )
+    serve.add_argument(
+        "--linger-s",
+        type=float,
+        default=15.0,
+        help="with --exit-when-finished: wait at most this long for clients to hear DONE",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
 

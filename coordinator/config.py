@@ -2,6 +2,7 @@
 
 A bad value is a `ConfigError` whose message names the key (`federation.rounds: ...`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -180,8 +181,10 @@ def _upload_encoding(value: object) -> Encoding:
 def _generator_encoding(value: object) -> Encoding:
     encoding = _parse_encoding(value)
     if encoding.codec not in ONNX_WEIGHT_CODECS or encoding.delta:
-        raise EncodingError(f"{encoding.name!r} is not a generator encoding; valid: "
-                            f"{', '.join(ONNX_WEIGHT_CODECS)}, each with an optional +zstd")
+        raise EncodingError(
+            f"{encoding.name!r} is not a generator encoding; valid: "
+            f"{', '.join(ONNX_WEIGHT_CODECS)}, each with an optional +zstd"
+        )
     return encoding
 
 
@@ -215,12 +218,18 @@ class BandwidthConfig(_Section):
     # "delta-<encoding>": the difference against a model the client holds (only offered when it
     # holds one the coordinator can rebuild; otherwise that rung is skipped, or for the fixed
     # policy the plain <encoding> is sent).
-    model_ladder: list[ModelEncoding] = Field(default_factory=lambda: [
-        Encoding.parse(n) for n in ("fp32+zstd", "fp16+zstd", "delta-int8+zstd", "int8+zstd")], min_length=1)
-    generator_ladder: list[GeneratorEncoding] = Field(default_factory=lambda: [
-        Encoding.parse(n) for n in ("fp32+zstd", "fp16+zstd", "int8+zstd", "int4+zstd")], min_length=1)
-    upload_ladder: list[UploadEncoding] = Field(default_factory=lambda: [
-        Encoding.parse(n) for n in ("fp32", "fp16+zstd", "int8+zstd", "topk10+zstd")], min_length=1)
+    model_ladder: list[ModelEncoding] = Field(
+        default_factory=lambda: [Encoding.parse(n) for n in ("fp32+zstd", "fp16+zstd", "delta-int8+zstd", "int8+zstd")],
+        min_length=1,
+    )
+    generator_ladder: list[GeneratorEncoding] = Field(
+        default_factory=lambda: [Encoding.parse(n) for n in ("fp32+zstd", "fp16+zstd", "int8+zstd", "int4+zstd")],
+        min_length=1,
+    )
+    upload_ladder: list[UploadEncoding] = Field(
+        default_factory=lambda: [Encoding.parse(n) for n in ("fp32", "fp16+zstd", "int8+zstd", "topk10+zstd")],
+        min_length=1,
+    )
     # Weight of the newest measurement in the per-client throughput estimate (EWMA).
     ewma_weight: float = Field(0.5, gt=0, le=1)
     # Throughput assumed for a client that declared none and has not been measured yet.
@@ -275,9 +284,11 @@ def check_exposure(address: str, auth: AuthConfig) -> None:
         return
     public = sorted(PUBLIC_TOKENS & {*auth.enrollment_tokens, auth.operator_token or ""})
     if public:
-        raise ValueError(f"auth.enrollment_tokens: address {address!r} is reachable beyond this machine, and the "
-                         f"token(s) {public} are published in this project's documentation: set your own "
-                         "auth.enrollment_tokens (and auth.operator_token), or listen on 127.0.0.1")
+        raise ValueError(
+            f"auth.enrollment_tokens: address {address!r} is reachable beyond this machine, and the "
+            f"token(s) {public} are published in this project's documentation: set your own "
+            "auth.enrollment_tokens (and auth.operator_token), or listen on 127.0.0.1"
+        )
 
 
 class CoordinatorConfig(_Section):
@@ -305,7 +316,7 @@ def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         message = str(e["msg"]).removeprefix("Value error, ")
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        got = "" if isinstance(e.get("input"), dict) or "input" not in e else f" (got {e['input']!r})"
         key = ".".join(str(p) for p in e["loc"])
         lines.append(f"{key}: {message}{got}" if key else message + got)
     return "; ".join(lines)

@@ -3,13 +3,13 @@
 A coordinator process and N edge-client processes talk over loopback gRPC; this process
 only partitions the data, starts them, and renders the round events it streams.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +21,8 @@ from rich.live import Live
 from rich.table import Table
 
 from fedgen.coordinator.config import ConfigError, load_config
-from fedgen.coordinator.local import LocalFederation, write_shards
 from fedgen.coordinator.ledger import LedgerRow
+from fedgen.coordinator.local import LocalFederation, write_shards
 from fedgen.coordinator.plots import plot_ledger
 from fedgen.coordinator.wire import ledger_row_from_proto
 from fedgen.core.data import DataError, builtin_data_dir, load_idx_dataset
@@ -42,14 +42,21 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     demo.add_argument("--lr", type=float, default=0.01, help="client SGD learning rate (FedGen official: 0.01)")
     demo.add_argument("--seed", type=int, default=0)
     bw = demo.add_argument_group("bandwidth (see [bandwidth] in examples/coordinator.toml)")
-    bw.add_argument("--encoding-policy", default="adaptive", choices=["adaptive", "fixed"],
-                    help="adaptive: per client, the most faithful encodings that fit --transfer-budget; "
-                         "fixed: the three encodings below for everyone")
+    bw.add_argument(
+        "--encoding-policy",
+        default="adaptive",
+        choices=["adaptive", "fixed"],
+        help="adaptive: per client, the most faithful encodings that fit --transfer-budget; "
+        "fixed: the three encodings below for everyone",
+    )
     bw.add_argument("--transfer-budget", type=float, default=30.0, help="seconds per client-round (adaptive)")
     bw.add_argument("--model-encoding", default="fp32", help="fixed policy: fp32 | fp16[+zstd] | int8[+zstd]")
     bw.add_argument("--generator-encoding", default="fp32", help="fixed policy: fp32 | fp16 | int8 | int4, [+zstd]")
-    bw.add_argument("--upload-encoding", default="fp32",
-                    help="fixed policy: fp32 | fp16[+zstd] | int8[+zstd] | topk<percent>[+zstd]")
+    bw.add_argument(
+        "--upload-encoding",
+        default="fp32",
+        help="fixed policy: fp32 | fp16[+zstd] | int8[+zstd] | topk<percent>[+zstd]",
+    )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the ledger, plot and logs go")
     demo.add_argument("--log-level", default="WARNING")
     demo.set_defaults(func=cmd_demo)
@@ -66,10 +73,14 @@ def _round_table(rows: list[LedgerRow], status: str) -> Table:
     for r in rows[-15:]:
         local = r.extras.get("federated_accuracy")
         table.add_row(
-            str(r.round), f"{r.completed}/{r.cohort_size}", _fmt_percent(r.test_accuracy),
+            str(r.round),
+            f"{r.completed}/{r.cohort_size}",
+            _fmt_percent(r.test_accuracy),
             "—" if local is None else f"{100 * local:.2f}%",
             "—" if math.isnan(r.test_loss) else f"{r.test_loss:.3f}",
-            _fmt_bytes(r.bytes_down), _fmt_bytes(r.bytes_up), f"{r.round_seconds:.2f}",
+            _fmt_bytes(r.bytes_down),
+            _fmt_bytes(r.bytes_up),
+            f"{r.round_seconds:.2f}",
         )
     return table
 
@@ -81,17 +92,30 @@ def _fmt_percent(value: float | None) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     console = Console(width=max(100, Console().width))
     try:
-        config = load_config(None, {
-            "state_dir": str(args.out / "state"),
-            "server": {"address": "127.0.0.1:0"},
-            "federation": {"strategy": args.strategy, "rounds": args.rounds, "clients_per_round": args.per_round,
-                           "min_completed": max(1, args.per_round // 2), "round_timeout_s": 60.0, "seed": args.seed},
-            "training": {"local_steps": args.local_steps, "batch_size": args.batch_size, "learning_rate": args.lr},
-            "data": {"test_data_dir": str(args.data_dir) if args.data_dir else "builtin"},
-            "bandwidth": {"policy": args.encoding_policy, "transfer_budget_s": args.transfer_budget,
-                          "model_encoding": args.model_encoding, "generator_encoding": args.generator_encoding,
-                          "upload_encoding": args.upload_encoding},
-        })
+        config = load_config(
+            None,
+            {
+                "state_dir": str(args.out / "state"),
+                "server": {"address": "127.0.0.1:0"},
+                "federation": {
+                    "strategy": args.strategy,
+                    "rounds": args.rounds,
+                    "clients_per_round": args.per_round,
+                    "min_completed": max(1, args.per_round // 2),
+                    "round_timeout_s": 60.0,
+                    "seed": args.seed,
+                },
+                "training": {"local_steps": args.local_steps, "batch_size": args.batch_size, "learning_rate": args.lr},
+                "data": {"test_data_dir": str(args.data_dir) if args.data_dir else "builtin"},
+                "bandwidth": {
+                    "policy": args.encoding_policy,
+                    "transfer_budget_s": args.transfer_budget,
+                    "model_encoding": args.model_encoding,
+                    "generator_encoding": args.generator_encoding,
+                    "upload_encoding": args.upload_encoding,
+                },
+            },
+        )
         data_dir = args.data_dir or builtin_data_dir()
         train = load_idx_dataset(data_dir, "train")
         test = load_idx_dataset(data_dir, "test")
@@ -104,8 +128,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.out.exists():
         shutil.rmtree(args.out)
     shards, hist = write_shards(train, args.out / "shards", args.clients, args.alpha, args.seed, test=test)
-    console.print(_histogram_table(hist, f"Non-IID split of {len(train)} images from {data_dir} "
-                                         f"(Dirichlet alpha={args.alpha}, seed {args.seed})"))
+    console.print(
+        _histogram_table(
+            hist,
+            f"Non-IID split of {len(train)} images from {data_dir} (Dirichlet alpha={args.alpha}, seed {args.seed})",
+        )
+    )
     started = time.monotonic()
     rows: list[LedgerRow] = []
     with LocalFederation(config, shards, args.out) as fed:
@@ -138,11 +166,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     ledger_jsonl = args.out / "state" / "ledger.jsonl"
     ledger_csv = args.out / "state" / "ledger.csv"
-    plot = plot_ledger(rows, args.out / "ledger.png",
-                       f"{args.strategy}, {args.clients} clients, alpha={args.alpha}")
+    plot = plot_ledger(rows, args.out / "ledger.png", f"{args.strategy}, {args.clients} clients, alpha={args.alpha}")
     _print_summary(console, rows, elapsed, exit_codes)
-    console.print(f"round ledger (JSON lines): {ledger_jsonl}\nround ledger (CSV):        {ledger_csv}\n"
-                  f"plot (PNG):                {plot}\nlogs:                      {args.out}/*.log")
+    console.print(
+        f"round ledger (JSON lines): {ledger_jsonl}\nround ledger (CSV):        {ledger_csv}\n"
+        f"plot (PNG):                {plot}\nlogs:                      {args.out}/*.log"
+    )
     (args.out / "summary.json").write_text(json.dumps(_summary(rows, elapsed), indent=2))
     return 0 if rows and len(rows) == args.rounds else 1
 
@@ -175,9 +204,16 @@ def _summary(rows: list[LedgerRow], elapsed: float) -> dict[str, Any]:
 def _encodings(rows: list[LedgerRow]) -> dict[str, int]:
     """How many client-rounds travelled in each 'model / artifacts / upload' combination."""
     combos = Counter(
-        " / ".join([c.transfer.model_encoding or "-",
-                    ", ".join(c.transfer.artifact_encodings.values()) or "-", c.transfer.upload_encoding or "-"])
-        for r in rows for c in r.clients if c.outcome == "completed"
+        " / ".join(
+            [
+                c.transfer.model_encoding or "-",
+                ", ".join(c.transfer.artifact_encodings.values()) or "-",
+                c.transfer.upload_encoding or "-",
+            ]
+        )
+        for r in rows
+        for c in r.clients
+        if c.outcome == "completed"
     )
     return dict(combos.most_common())
 
@@ -200,7 +236,9 @@ def _print_summary(console: Console, rows: list[LedgerRow], elapsed: float, exit
     for i, (combo, n) in enumerate(s["encodings"].items()):
         if i < 3:
             table.add_row("encodings (model / generator / upload)" if i == 0 else "", f"{combo}: {n} client-rounds")
-    table.add_row("mean seconds per round", "—" if s["mean_round_seconds"] is None else f"{s['mean_round_seconds']:.2f}")
+    table.add_row(
+        "mean seconds per round", "—" if s["mean_round_seconds"] is None else f"{s['mean_round_seconds']:.2f}"
+    )
     table.add_row("wall time", f"{elapsed:.1f} s")
     table.add_row("client exit codes", " ".join(str(c) for c in exit_codes))
     console.print(table)

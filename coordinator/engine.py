@@ -50,9 +50,19 @@ class FederationStatus:
 
 
 class RoundEngine:
-    def __init__(self, config: CoordinatorConfig, store: StateStore, blobs: BlobStore, strategy: Strategy,
-                 model: ModelContract, registry: ClientRegistry, transfers: TransferPlanner, bus: EventBus,
-                 changed: ChangeSignal, wakers: PollWakers) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: StateStore,
+        blobs: BlobStore,
+        strategy: Strategy,
+        model: ModelContract,
+        registry: ClientRegistry,
+        transfers: TransferPlanner,
+        bus: EventBus,
+        changed: ChangeSignal,
+        wakers: PollWakers,
+    ) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
@@ -133,9 +143,18 @@ class RoundEngine:
                 await self.store.fail_round(stored.round, stored.attempt)
                 continue
             deadline = max(stored.deadline_ms, now_ms() + int(self.config.federation.round_timeout_s * 1000))
-            r = OpenRound(stored.round, stored.attempt, stored.cohort, stored.model_sha256, stored.opened_ms, deadline,
-                          self.strategy.configure_round(stored.round), stored.artifacts)
-            r.variants = await self._prepare_variants(r.model_sha256, r.artifacts)
+            variants = await self._prepare_variants(stored.model_sha256, stored.artifacts)
+            r = OpenRound(
+                stored.round,
+                stored.attempt,
+                stored.cohort,
+                stored.model_sha256,
+                stored.opened_ms,
+                deadline,
+                self.strategy.configure_round(stored.round),
+                stored.artifacts,
+                variants,
+            )
             for u in await self.store.updates_for(stored.round, stored.attempt):
                 r.accepted[u.client_id] = u
             await self.store.set_round_deadline(r.round, r.attempt, deadline)
@@ -157,7 +176,9 @@ class RoundEngine:
         round_ = self.current_round
         attempt = await self.store.max_attempt(round_) + 1
         rng = random.Random(f"{fed.seed}:{round_}:{attempt}")
-        cohort = {cid: uuid.uuid4().hex for cid in sorted(rng.sample(eligible, min(fed.clients_per_round, len(eligible))))}
+        cohort = {
+            cid: uuid.uuid4().hex for cid in sorted(rng.sample(eligible, min(fed.clients_per_round, len(eligible))))
+        }
         skipped = self.registry.skipped(self.task_kind())
         artifacts = []
         for artifact in await asyncio.to_thread(self.strategy.round_artifacts, round_):
@@ -167,9 +188,19 @@ class RoundEngine:
         variants = await self._prepare_variants(self.global_model_sha, tuple(artifacts))
         encode_s = time.monotonic() - t0
         opened = now_ms()
-        r = OpenRound(round_, attempt, cohort, self.global_model_sha, opened, opened + int(fed.round_timeout_s * 1000),
-                      self.strategy.configure_round(round_), tuple(artifacts), variants, encode_seconds=encode_s,
-                      skipped=skipped)
+        r = OpenRound(
+            round_,
+            attempt,
+            cohort,
+            self.global_model_sha,
+            opened,
+            opened + int(fed.round_timeout_s * 1000),
+            self.strategy.configure_round(round_),
+            tuple(artifacts),
+            variants,
+            encode_seconds=encode_s,
+            skipped=skipped,
+        )
         await self.store.open_round(r.record())
         self.open_round = r
         _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
@@ -190,15 +221,18 @@ class RoundEngine:
             await self.store.fail_round(r.round, r.attempt)
             msg = f"only {len(r.accepted)} update(s) by the deadline, {needed} needed"
             _LOGGER.warning("round %d attempt %d failed: %s", r.round, r.attempt, msg)
-            self.bus.emit(Event("failed", r.round, message=msg, cohort_size=len(r.cohort),
-                                updates_received=len(r.accepted)))
+            self.bus.emit(
+                Event("failed", r.round, message=msg, cohort_size=len(r.cohort), updates_received=len(r.accepted))
+            )
             self.open_round = None
             return
         await self._commit(r, wait_s)
 
     def _client_results(self, r: OpenRound) -> list[ClientResult]:
-        return [ClientResult(u.client_id, self.load_state(u.payload_sha256), u.num_examples, u.label_counts, u.metrics)
-                for u in sorted(r.accepted.values(), key=lambda u: u.client_id)]
+        return [
+            ClientResult(u.client_id, self.load_state(u.payload_sha256), u.num_examples, u.label_counts, u.metrics)
+            for u in sorted(r.accepted.values(), key=lambda u: u.client_id)
+        ]
 
     async def _commit(self, r: OpenRound, wait_s: float) -> None:
         t0 = time.monotonic()
@@ -216,16 +250,33 @@ class RoundEngine:
             accuracy, loss = result.accuracy, result.loss
         evaluate_s = time.monotonic() - t1
         bandwidth = self.config.bandwidth
-        row = build_ledger_row(RoundTally(
-            round=r.round, attempt=r.attempt, strategy=self.strategy.name, cohort=list(r.cohort),
-            accepted=r.accepted, rejected=r.rejected, declined=r.declined, skipped=r.skipped,
-            bytes_down=r.bytes_down, bytes_up=r.bytes_up, transfers=r.transfers(), opened_ms=r.opened_ms,
-            committed_ms=now_ms(), wait_seconds=wait_s, aggregate_seconds=aggregate_s, evaluate_seconds=evaluate_s,
-            test_accuracy=accuracy, test_loss=loss, strategy_extras=aggregate.extras, encode_seconds=r.encode_seconds,
-            encoding_policy=bandwidth.policy,
-            transfer_budget_seconds=bandwidth.transfer_budget_s if self.transfers.adaptive else 0.0,
-            model_sha256=model_sha,
-        ))
+        row = build_ledger_row(
+            RoundTally(
+                round=r.round,
+                attempt=r.attempt,
+                strategy=self.strategy.name,
+                cohort=list(r.cohort),
+                accepted=r.accepted,
+                rejected=r.rejected,
+                declined=r.declined,
+                skipped=r.skipped,
+                bytes_down=r.bytes_down,
+                bytes_up=r.bytes_up,
+                transfers=r.transfers(),
+                opened_ms=r.opened_ms,
+                committed_ms=now_ms(),
+                wait_seconds=wait_s,
+                aggregate_seconds=aggregate_s,
+                evaluate_seconds=evaluate_s,
+                test_accuracy=accuracy,
+                test_loss=loss,
+                strategy_extras=aggregate.extras,
+                encode_seconds=r.encode_seconds,
+                encoding_policy=bandwidth.policy,
+                transfer_budget_seconds=bandwidth.transfer_budget_s if self.transfers.adaptive else 0.0,
+                model_sha256=model_sha,
+            )
+        )
         meta = {"current_round": str(r.round + 1), "global_model": model_sha}
         strategy_state = await asyncio.to_thread(self.strategy.state_bytes)
         if strategy_state is not None:
@@ -237,10 +288,18 @@ class RoundEngine:
             self.last_accuracy = accuracy
         self.open_round = None
         await self._append_ledger(row)
-        _LOGGER.info("round %d committed: %d/%d updates, accuracy %.4f, %d B down, %d B up",
-                     r.round, row.completed, row.cohort_size, accuracy, row.bytes_down, row.bytes_up)
-        self.bus.emit(Event("committed", r.round, cohort_size=len(r.cohort), updates_received=len(r.accepted),
-                            ledger_row=row))
+        _LOGGER.info(
+            "round %d committed: %d/%d updates, accuracy %.4f, %d B down, %d B up",
+            r.round,
+            row.completed,
+            row.cohort_size,
+            accuracy,
+            row.bytes_down,
+            row.bytes_up,
+        )
+        self.bus.emit(
+            Event("committed", r.round, cohort_size=len(r.cohort), updates_received=len(r.accepted), ledger_row=row)
+        )
         self.changed.notify()
 
     async def _append_ledger(self, row: LedgerRow) -> None:
@@ -280,10 +339,15 @@ class RoundEngine:
         else:
             state = "training"
         return FederationStatus(
-            federation_id=self.federation_id, state=state, current_round=self.current_round,
-            total_rounds=self.config.federation.rounds, connected_clients=self.registry.connected(),
-            eligible_clients=len(self.registry.eligible(self.task_kind())), cohort_size=len(r.cohort) if r else 0,
-            updates_received=len(r.accepted) if r else 0, strategy=self.strategy.name,
+            federation_id=self.federation_id,
+            state=state,
+            current_round=self.current_round,
+            total_rounds=self.config.federation.rounds,
+            connected_clients=self.registry.connected(),
+            eligible_clients=len(self.registry.eligible(self.task_kind())),
+            cohort_size=len(r.cohort) if r else 0,
+            updates_received=len(r.accepted) if r else 0,
+            strategy=self.strategy.name,
             last_accuracy=self.last_accuracy,
         )
 
@@ -301,17 +365,10 @@ class RoundEngine:
         if r is not None and client_id in r.cohort:
             r.bytes_up[client_id] += nbytes
 
-    def published_artifacts(self) -> set[str]:
-        """What a client may download: the global model and the open round's artifacts. Never another
-        client's update, nor anything else in the store."""
-        ids = {self.global_model_sha}
+    def is_published(self, artifact_id: str) -> bool:
+        """Whether clients may download it: the global model and the open round's artifacts."""
         r = self.open_round
-        if r is not None:
-            ids.add(r.model_sha256)
-            ids.update(a.sha256 for a in r.artifacts)
-            ids.update(r.variants.digests())
-            ids.update(p.model.sha256 for p in r.plans.values())  # per-client deltas
-        return ids
+        return artifact_id == self.global_model_sha or (r is not None and artifact_id in r.published)
 
 
 def state_bytes(state: State) -> bytes:

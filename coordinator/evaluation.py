@@ -49,5 +49,6 @@ def classifier_contract(
         assert test_set is not None
         return evaluate_state(state, *test_set, config)
 
-    return ModelContract(state_spec(Classifier(config)), config.n_classes, initial_state,
-                         evaluate if test_set is not None else None)
+    return ModelContract(
+        state_spec(Classifier(config)), config.n_classes, initial_state, evaluate if test_set is not None else None
+    )

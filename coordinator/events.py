@@ -4,6 +4,7 @@ stream) and a change signal the round engine sleeps on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,10 +70,8 @@ class ChangeSignal:
 
     async def wait(self, timeout: float) -> None:
         self._event.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
-        except TimeoutError:
-            pass
 
 
 class PollWakers:
@@ -86,10 +85,8 @@ class PollWakers:
     async def wait(self, client_id: str, timeout: float) -> None:
         event = self._events.setdefault(client_id, asyncio.Event())
         event.clear()  # callers check their answer right before, with no await between: nothing is missed
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def wake(self, client_ids: Iterable[str] | None = None) -> None:
         """Wakes the long polls of these clients (all when None) to look at their answer again."""

@@ -12,9 +12,9 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from fedgen.coordinator import errors
 from fedgen.coordinator.assignments import Assignment, TaskBoard
 from fedgen.coordinator.config import CoordinatorConfig
+from fedgen.coordinator.downloads import ArtifactServer
 from fedgen.coordinator.engine import FederationStatus, RoundEngine
 from fedgen.coordinator.events import ChangeSignal, Event, EventBus, PollWakers
 from fedgen.coordinator.intake import UploadHeader, UploadIntake, UploadResult
@@ -31,8 +31,9 @@ _LOGGER = logging.getLogger(__name__)
 
 
 class Federation:
-    def __init__(self, config: CoordinatorConfig, store: StateStore, blobs: BlobStore, strategy: Strategy,
-                 model: ModelContract) -> None:
+    def __init__(
+        self, config: CoordinatorConfig, store: StateStore, blobs: BlobStore, strategy: Strategy, model: ModelContract
+    ) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
@@ -40,10 +41,12 @@ class Federation:
         changed, wakers = ChangeSignal(), PollWakers()
         self.registry = ClientRegistry(store, config.auth, config.federation.heartbeat_timeout_s)
         transfers = TransferPlanner(config.bandwidth, blobs, model.tensor_shapes(), strategy.artifact_specs())
-        self.engine = RoundEngine(config, store, blobs, strategy, model, self.registry, transfers, self.bus, changed,
-                                  wakers)
+        self.engine = RoundEngine(
+            config, store, blobs, strategy, model, self.registry, transfers, self.bus, changed, wakers
+        )
         self.board = TaskBoard(self.engine, self.registry, wakers)
         self.intake = UploadIntake(config.server, self.engine, store, self.registry, self.bus, changed)
+        self.downloads = ArtifactServer(blobs, self.engine.is_published)
         self._changed = changed
 
     async def load(self) -> None:
@@ -117,11 +120,8 @@ class Federation:
     def decline(self, client_id: str, round_: int, task_id: str, kind: str, detail: str) -> None:
         self.intake.decline(client_id, round_, task_id, kind, detail)
 
-    def artifact_bytes(self, artifact_id: str) -> bytes:
-        """A published artifact's bytes (blocking: the servicer reads it in a worker thread)."""
-        if artifact_id not in self.engine.published_artifacts() or not self.blobs.has(artifact_id):
-            raise errors.NotFound(f"artifact {artifact_id[:80]!r} not found")
-        return self.blobs.get(artifact_id)
+    async def artifact_bytes(self, artifact_id: str) -> bytes:
+        return await self.downloads.get(artifact_id)
 
     def record_download(self, client_id: str, nbytes: int) -> None:
         self.engine.record_download(client_id, nbytes)
@@ -133,8 +133,9 @@ class Federation:
     async def check_upload_header(self, client_id: str, header: UploadHeader) -> UploadResult | None:
         return await self.intake.check_header(client_id, header)
 
-    async def accept_upload(self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int,
-                            up_seconds: float = 0.0) -> UploadResult:
+    async def accept_upload(
+        self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int, up_seconds: float = 0.0
+    ) -> UploadResult:
         return await self.intake.accept(client_id, header, payload, bytes_up, up_seconds)
 
     def reject(self, client_id: str, round_: int, reason: str) -> None:

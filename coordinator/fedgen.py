@@ -5,6 +5,7 @@ regulariser; the coordinator trains the generator against the cohort's freshly t
 heads and label counts (all of it from the uploaded updates), averages the models,
 exports the generator to ONNX for the next round. Round 0 is plain local training.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,16 +24,24 @@ from fedgen.coordinator.generator import (
     train_generator,
 )
 from fedgen.coordinator.strategy import Aggregate, ArtifactSpec, ClientResult, FedAvg, RoundArtifact
-from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.export import generator_artifacts
+from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.export.onnx_export import export_generator_onnx
 
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 #: The generator's artifact kind (fleet.proto ARTIFACT_KIND_GENERATOR_ONNX).
 GENERATOR_ONNX = "generator_onnx"
 #: What FedGen adds to every round's ledger row.
-METRICS = ("generator_diversity_loss", "generator_export_seconds", "generator_loss", "generator_on_cuda",
-           "generator_onnx_bytes", "generator_qualified_labels", "generator_seconds", "generator_teacher_loss")
+METRICS = (
+    "generator_diversity_loss",
+    "generator_export_seconds",
+    "generator_loss",
+    "generator_on_cuda",
+    "generator_onnx_bytes",
+    "generator_qualified_labels",
+    "generator_seconds",
+    "generator_teacher_loss",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,20 +60,34 @@ def _can_make(encoding: Encoding) -> bool:
 class FedGen(FedAvg):
     name: StrategyName = "fedgen"
 
-    def __init__(self, training: TrainingConfig, config: FedGenConfig, bandwidth: BandwidthConfig | None = None,
-                 seed: int = 0, n_classes: int = 10) -> None:
+    def __init__(
+        self,
+        training: TrainingConfig,
+        config: FedGenConfig,
+        bandwidth: BandwidthConfig | None = None,
+        seed: int = 0,
+        n_classes: int = 10,
+    ) -> None:
         super().__init__(training)
         self.config = config
         bandwidth = bandwidth or BandwidthConfig()
-        self.generator_spec = ArtifactSpec(GENERATOR_ONNX, tuple(bandwidth.generator_ladder),
-                                           bandwidth.generator_encoding, generator_artifacts.generator_variant,
-                                           _can_make)
+        self.generator_spec = ArtifactSpec(
+            GENERATOR_ONNX,
+            tuple(bandwidth.generator_ladder),
+            bandwidth.generator_encoding,
+            generator_artifacts.generator_variant,
+            _can_make,
+        )
         self.device = resolve_device(config.device)
         self.gen_config = GeneratorConfig(n_classes=n_classes, noise=config.noise)
         self.train_config = GeneratorTrainConfig(
-            steps=config.generator_steps, batch_size=config.generator_batch_size, learning_rate=config.generator_lr,
-            weight_decay=config.generator_weight_decay, lr_decay=config.generator_lr_decay,
-            diversity_eta=config.diversity_eta, weighting=config.teacher_weighting,
+            steps=config.generator_steps,
+            batch_size=config.generator_batch_size,
+            learning_rate=config.generator_lr,
+            weight_decay=config.generator_weight_decay,
+            lr_decay=config.generator_lr_decay,
+            diversity_eta=config.diversity_eta,
+            weighting=config.teacher_weighting,
         )
         torch.manual_seed(seed)
         self.generator = Generator(self.gen_config).to(self.device)
@@ -122,22 +145,26 @@ class FedGen(FedAvg):
         self._onnx = export_generator_onnx(self.generator, self.gen_config.to_dict())
         export_seconds = time.monotonic() - t_export
         aggregate = super().aggregate_round(round_, results, global_state)
-        return Aggregate(aggregate.state, {
-            "generator_seconds": round(gen_seconds, 4),
-            "generator_export_seconds": round(export_seconds, 4),
-            "generator_teacher_loss": step.teacher_loss,
-            "generator_diversity_loss": step.diversity_loss,
-            "generator_loss": step.total_loss,
-            "generator_qualified_labels": float(step.qualified_labels),
-            "generator_onnx_bytes": float(len(self._onnx)),
-            "generator_on_cuda": 1.0 if self.device.type == "cuda" else 0.0,
-        })
+        return Aggregate(
+            aggregate.state,
+            {
+                "generator_seconds": round(gen_seconds, 4),
+                "generator_export_seconds": round(export_seconds, 4),
+                "generator_teacher_loss": step.teacher_loss,
+                "generator_diversity_loss": step.diversity_loss,
+                "generator_loss": step.total_loss,
+                "generator_qualified_labels": float(step.qualified_labels),
+                "generator_onnx_bytes": float(len(self._onnx)),
+                "generator_on_cuda": 1.0 if self.device.type == "cuda" else 0.0,
+            },
+        )
 
     # ------------------------------------------------------------ durability
     def state_bytes(self) -> bytes:
         """Generator weights, BN buffers and Adam moments as one TensorBundle (no pickle)."""
-        tensors: dict[str, np.ndarray] = {f"gen.{k}": v.detach().cpu().numpy()
-                                          for k, v in self.generator.state_dict().items()}
+        tensors: dict[str, np.ndarray] = {
+            f"gen.{k}": v.detach().cpu().numpy() for k, v in self.generator.state_dict().items()
+        }
         for i, p in enumerate(self.generator.parameters()):
             st = self.optimizer.state.get(p)
             if st:

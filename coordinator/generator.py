@@ -5,10 +5,12 @@ heads agree is that label. It is trained on the coordinator from the cohort's he
 label counts (teacher loss) plus a diversity loss, then shipped to clients as ONNX.
 Facts from the paper and official code: ../shared/FEDGEN_FACTS.md sections 1 and 3.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,10 +34,10 @@ class GeneratorConfig:
         return asdict(self)
 
 
-
-
 class Generator(nn.Module):
     """Linear(noise+classes, 256) -> BatchNorm1d -> ReLU -> Linear(256, latent); no output activation."""
+
+    onehot: torch.Tensor  # [n_classes, n_classes], a buffer
 
     def __init__(self, config: GeneratorConfig = GeneratorConfig()) -> None:
         super().__init__()
@@ -48,11 +50,13 @@ class Generator(nn.Module):
     def forward(self, labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """labels int64 [B], eps float [B, noise_dim] -> latent [B, latent_dim]."""
         x = torch.cat([eps, self.onehot[labels]], dim=1)  # [B, noise+classes]
-        return self.out(F.relu(self.bn(self.fc(x))))
+        latent: torch.Tensor = self.out(F.relu(self.bn(self.fc(x))))
+        return latent
 
 
-def sample_noise(config: GeneratorConfig, batch: int, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_noise(
+    config: GeneratorConfig, batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     if config.noise == "uniform":
         return torch.rand(batch, config.noise_dim, generator=generator, device=device)
     return torch.randn(batch, config.noise_dim, generator=generator, device=device)
@@ -137,8 +141,9 @@ def train_generator(
         eps = sample_noise(generator.config, config.batch_size, noise_generator, device)
         z = generator(y, eps)  # [B, D]
         logits = torch.einsum("bd,kcd->kbc", z, head_w) + head_b[:, None, :]  # [K, B, C]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(len(heads)),
-                             reduction="none").view(len(heads), -1)  # [K, B]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(len(heads)), reduction="none").view(
+            len(heads), -1
+        )  # [K, B]
         w = weights_t[y].T  # [K, B]
         if config.weighting == "per_sample":
             teacher = (ce * w).mean(dim=1).sum()
@@ -155,5 +160,11 @@ def train_generator(
 
 
 def make_optimizer(generator: Generator, config: GeneratorTrainConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=config.weight_decay, amsgrad=False)
+    return torch.optim.Adam(
+        generator.parameters(),
+        lr=config.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=config.weight_decay,
+        amsgrad=False,
+    )

@@ -57,8 +57,15 @@ class UploadResult:
 
 
 class UploadIntake:
-    def __init__(self, server: ServerConfig, engine: RoundEngine, store: StateStore, registry: ClientRegistry,
-                 bus: EventBus, changed: ChangeSignal) -> None:
+    def __init__(
+        self,
+        server: ServerConfig,
+        engine: RoundEngine,
+        store: StateStore,
+        registry: ClientRegistry,
+        bus: EventBus,
+        changed: ChangeSignal,
+    ) -> None:
         self._server = server
         self._engine = engine
         self._store = store
@@ -89,16 +96,20 @@ class UploadIntake:
             return UploadResult(previous.round, True, previous.bytes_up)
         r = self._open_round(header.round)
         if r.cohort.get(client_id) != header.task_id:
-            raise errors.FailedPrecondition(f"task {header.task_id!r} is not assigned to {client_id} in round {r.round}")
+            raise errors.FailedPrecondition(
+                f"task {header.task_id!r} is not assigned to {client_id} in round {r.round}"
+            )
         if client_id in r.accepted:
             raise errors.FailedPrecondition(f"{client_id} already delivered an update for round {r.round}")
         if header.payload_bytes > self._server.max_update_bytes:
             raise errors.ResourceExhausted(
-                f"update of {header.payload_bytes} bytes exceeds the limit of {self._server.max_update_bytes}")
+                f"update of {header.payload_bytes} bytes exceeds the limit of {self._server.max_update_bytes}"
+            )
         return None
 
-    async def accept(self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int,
-                     up_seconds: float = 0.0) -> UploadResult:
+    async def accept(
+        self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int, up_seconds: float = 0.0
+    ) -> UploadResult:
         """Validates and persists an update, then (only then) acknowledges it.
 
         A difference against the round's model (any of its encodings) is added to the
@@ -109,20 +120,30 @@ class UploadIntake:
             return duplicate
         r = self._open_round(header.round)
         try:
-            stored = await asyncio.to_thread(self._checked_payload, header, payload, r)
+            digest = await asyncio.to_thread(self._check_and_store, header, payload, r)
         except UpdateRejected as err:
             self.reject(client_id, r.round, str(err))
             raise
-        digest = await asyncio.to_thread(self._engine.blobs.put, stored)
         plan = r.plans.get(client_id)
         transfers = self._engine.transfers
         down_seconds = transfers.observe_downloads(client_id, header.downloads)
         transfers.observe_upload(client_id, plan.upload if plan is not None else Encoding(), bytes_up, up_seconds)
         update = UpdateRecord(
-            idempotency_key=header.idempotency_key, round=r.round, attempt=r.attempt, client_id=client_id,
-            task_id=header.task_id, payload_sha256=digest, num_examples=header.num_examples,
-            label_counts=header.label_counts, train_seconds=header.train_seconds, bytes_up=bytes_up,
-            metrics={**header.metrics, WIRE_DOWN_SECONDS: round(down_seconds, 4), WIRE_UP_SECONDS: round(up_seconds, 4)},
+            idempotency_key=header.idempotency_key,
+            round=r.round,
+            attempt=r.attempt,
+            client_id=client_id,
+            task_id=header.task_id,
+            payload_sha256=digest,
+            num_examples=header.num_examples,
+            label_counts=header.label_counts,
+            train_seconds=header.train_seconds,
+            bytes_up=bytes_up,
+            metrics={
+                **header.metrics,
+                WIRE_DOWN_SECONDS: round(down_seconds, 4),
+                WIRE_UP_SECONDS: round(up_seconds, 4),
+            },
             received_ms=now_ms(),
         )
         earlier = await self._reserve(r, update)
@@ -137,8 +158,9 @@ class UploadIntake:
         r.accepted[client_id] = update
         r.rejected.pop(client_id, None)  # a corrected retry within the round replaces a rejection
         _LOGGER.info("[Fleet.UploadUpdate] round %d: accepted update from %s (%d bytes)", r.round, client_id, bytes_up)
-        self._bus.emit(Event("accepted", r.round, client_id, cohort_size=len(r.cohort),
-                             updates_received=len(r.accepted)))
+        self._bus.emit(
+            Event("accepted", r.round, client_id, cohort_size=len(r.cohort), updates_received=len(r.accepted))
+        )
         self._changed.notify()
         return UploadResult(r.round, False, bytes_up)
 
@@ -164,6 +186,10 @@ class UploadIntake:
         r.pending[client_id] = asyncio.get_running_loop().create_future()
         return None
 
+    def _check_and_store(self, header: UploadHeader, payload: bytes, r: OpenRound) -> str:
+        """Validation and the durable payload in one trip to a worker thread; returns its blob id."""
+        return self._engine.blobs.put(self._checked_payload(header, payload, r))
+
     def _checked_payload(self, header: UploadHeader, payload: bytes, r: OpenRound) -> bytes:
         """The checked update as the bytes to store: a whole fp32 state (deltas applied). Blocking."""
         if len(payload) != header.payload_bytes:
@@ -174,16 +200,20 @@ class UploadIntake:
         validate_counts(header.num_examples, header.label_counts, n_classes, r.plan.max_trained_examples)
         validate_report(header.metrics, header.train_seconds)
         if len(header.downloads) > MAX_DOWNLOAD_TIMINGS or not all(d.valid() for d in header.downloads):
-            raise UpdateRejected(f"downloads: at most {MAX_DOWNLOAD_TIMINGS} timings, each with 0 <= "
-                                 "first_chunk_seconds <= seconds <= 86400 and first_chunk_bytes <= wire_bytes")
+            raise UpdateRejected(
+                f"downloads: at most {MAX_DOWNLOAD_TIMINGS} timings, each with 0 <= "
+                "first_chunk_seconds <= seconds <= 86400 and first_chunk_bytes <= wire_bytes"
+            )
         try:
             bundle = bundle_from_bytes(payload)
             state = decode_state(bundle)
             if bundle.base_sha256:
                 bases = r.variants.model_bases() | {p.model.sha256 for p in r.plans.values()}
                 if bundle.base_sha256 not in bases:
-                    raise UpdateRejected(f"update is a difference against {bundle.base_sha256[:16]!r}, which is "
-                                         f"not round {r.round}'s global model")
+                    raise UpdateRejected(
+                        f"update is a difference against {bundle.base_sha256[:16]!r}, which is "
+                        f"not round {r.round}'s global model"
+                    )
                 validate_state(state, spec)
                 state = apply_delta(self._engine.load_state(r.model_sha256), state)
         except CodecError as err:

@@ -25,16 +25,32 @@ from fedgen.core.files import atomic_write
 Outcome = Literal["completed", "dropped", "rejected", "declined"]
 
 #: Extras the round engine itself writes (strategies declare theirs: ``Strategy.metric_names``).
-ENGINE_EXTRAS = ("client_cpu_seconds_mean", "client_peak_rss_mb_max", "encode_artifacts_seconds",
-                 "federated_accuracy")
+ENGINE_EXTRAS = ("client_cpu_seconds_mean", "client_peak_rss_mb_max", "encode_artifacts_seconds", "federated_accuracy")
 #: Metrics a client reports that the ledger lifts out into columns of its own.
 WIRE_DOWN_SECONDS, WIRE_UP_SECONDS = "wire_down_seconds", "wire_up_seconds"
 #: Per-round columns of the CSV, in order; extras follow as ``extra_<name>``.
 CSV_COLUMNS = (
-    "round", "attempt", "strategy", "cohort_size", "completed", "dropped", "rejected", "declined", "skipped",
-    "bytes_down", "bytes_up", "wait_seconds", "aggregate_seconds", "evaluate_seconds",
-    "round_seconds", "test_accuracy", "test_loss", "opened_unix_ms", "committed_unix_ms",
-    "encoding_policy", "transfer_budget_seconds",
+    "round",
+    "attempt",
+    "strategy",
+    "cohort_size",
+    "completed",
+    "dropped",
+    "rejected",
+    "declined",
+    "skipped",
+    "bytes_down",
+    "bytes_up",
+    "wait_seconds",
+    "aggregate_seconds",
+    "evaluate_seconds",
+    "round_seconds",
+    "test_accuracy",
+    "test_loss",
+    "opened_unix_ms",
+    "committed_unix_ms",
+    "encoding_policy",
+    "transfer_budget_seconds",
 )
 
 
@@ -112,13 +128,17 @@ class LedgerRow:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LedgerRow:
-        scalars = {f.name: raw[f.name] for f in fields(cls) if f.name in raw and f.name not in
-                   ("clients", "skipped", "extras")}
+        scalars = {
+            f.name: raw[f.name] for f in fields(cls) if f.name in raw and f.name not in ("clients", "skipped", "extras")
+        }
         for key in ("test_accuracy", "test_loss"):  # NaN is written as NaN; a JSON null means the same
             scalars[key] = math.nan if scalars.get(key) is None else float(scalars[key])
-        return cls(**scalars, clients=tuple(_client_from_dict(c) for c in raw.get("clients", ())),
-                   skipped=tuple(SkippedClient(s["client_id"], s["reason"]) for s in raw.get("skipped", ())),
-                   extras={k: float(v) for k, v in raw.get("extras", {}).items()})
+        return cls(
+            **scalars,
+            clients=tuple(_client_from_dict(c) for c in raw.get("clients", ())),
+            skipped=tuple(SkippedClient(s["client_id"], s["reason"]) for s in raw.get("skipped", ())),
+            extras={k: float(v) for k, v in raw.get("extras", {}).items()},
+        )
 
     def csv_values(self, extra_columns: Sequence[str]) -> list[Any]:
         flat = self.to_dict()
@@ -179,10 +199,19 @@ def _entry(t: RoundTally, client_id: str) -> ClientEntry:
     down, up = t.bytes_down.get(client_id, 0), t.bytes_up.get(client_id, 0)
     if u is not None:
         metrics = dict(u.metrics)
-        return ClientEntry(client_id, "completed", "", down, up + u.bytes_up, u.num_examples, u.train_seconds,
-                           metrics={k: v for k, v in metrics.items() if k not in (WIRE_DOWN_SECONDS, WIRE_UP_SECONDS)},
-                           transfer=transfer, down_seconds=float(metrics.get(WIRE_DOWN_SECONDS, 0.0)),
-                           up_seconds=float(metrics.get(WIRE_UP_SECONDS, 0.0)))
+        return ClientEntry(
+            client_id,
+            "completed",
+            "",
+            down,
+            up + u.bytes_up,
+            u.num_examples,
+            u.train_seconds,
+            metrics={k: v for k, v in metrics.items() if k not in (WIRE_DOWN_SECONDS, WIRE_UP_SECONDS)},
+            transfer=transfer,
+            down_seconds=float(metrics.get(WIRE_DOWN_SECONDS, 0.0)),
+            up_seconds=float(metrics.get(WIRE_UP_SECONDS, 0.0)),
+        )
     if client_id in t.rejected:
         return ClientEntry(client_id, "rejected", t.rejected[client_id], down, up, transfer=transfer)
     if client_id in t.declined:
@@ -195,8 +224,11 @@ def _measured_extras(clients: Iterable[ClientEntry]) -> dict[str, float]:
     the clients' label-restricted local test splits) and what the round cost the devices."""
     clients = list(clients)
     extras: dict[str, float] = {}
-    local = [(c.metrics["local_test_correct"], c.metrics["local_test_total"]) for c in clients
-             if "local_test_correct" in c.metrics and "local_test_total" in c.metrics]
+    local = [
+        (c.metrics["local_test_correct"], c.metrics["local_test_total"])
+        for c in clients
+        if "local_test_correct" in c.metrics and "local_test_total" in c.metrics
+    ]
     total = sum(n for _, n in local)
     if total:
         extras["federated_accuracy"] = sum(k for k, _ in local) / total
@@ -215,16 +247,30 @@ def build_ledger_row(t: RoundTally) -> LedgerRow:
     extras = {**t.strategy_extras, "encode_artifacts_seconds": round(t.encode_seconds, 4), **_measured_extras(clients)}
     outcomes = [c.outcome for c in clients]
     return LedgerRow(
-        round=t.round, attempt=t.attempt, strategy=t.strategy, cohort_size=len(clients),
-        completed=outcomes.count("completed"), dropped=outcomes.count("dropped"),
-        rejected=outcomes.count("rejected"), declined=outcomes.count("declined"),
-        bytes_down=sum(c.bytes_down for c in clients), bytes_up=sum(c.bytes_up for c in clients),
-        wait_seconds=round(t.wait_seconds, 4), aggregate_seconds=round(t.aggregate_seconds, 4),
-        evaluate_seconds=round(t.evaluate_seconds, 4), round_seconds=round((t.committed_ms - t.opened_ms) / 1000, 4),
-        test_accuracy=t.test_accuracy, test_loss=t.test_loss, opened_unix_ms=t.opened_ms,
-        committed_unix_ms=t.committed_ms, encoding_policy=t.encoding_policy,
-        transfer_budget_seconds=t.transfer_budget_seconds, model_sha256=t.model_sha256, clients=clients,
-        skipped=tuple(SkippedClient(cid, why) for cid, why in sorted(t.skipped.items())), extras=extras,
+        round=t.round,
+        attempt=t.attempt,
+        strategy=t.strategy,
+        cohort_size=len(clients),
+        completed=outcomes.count("completed"),
+        dropped=outcomes.count("dropped"),
+        rejected=outcomes.count("rejected"),
+        declined=outcomes.count("declined"),
+        bytes_down=sum(c.bytes_down for c in clients),
+        bytes_up=sum(c.bytes_up for c in clients),
+        wait_seconds=round(t.wait_seconds, 4),
+        aggregate_seconds=round(t.aggregate_seconds, 4),
+        evaluate_seconds=round(t.evaluate_seconds, 4),
+        round_seconds=round((t.committed_ms - t.opened_ms) / 1000, 4),
+        test_accuracy=t.test_accuracy,
+        test_loss=t.test_loss,
+        opened_unix_ms=t.opened_ms,
+        committed_unix_ms=t.committed_ms,
+        encoding_policy=t.encoding_policy,
+        transfer_budget_seconds=t.transfer_budget_seconds,
+        model_sha256=t.model_sha256,
+        clients=clients,
+        skipped=tuple(SkippedClient(cid, why) for cid, why in sorted(t.skipped.items())),
+        extras=extras,
     )
 
 

@@ -7,6 +7,7 @@ pure function: given each transfer's encodings (most faithful first, with their 
 link and a budget in seconds, it keeps everything as faithful as the budget allows,
 degrading first the transfer whose next encoding saves the most time.
 """
+
 from __future__ import annotations
 
 import math
@@ -125,9 +126,12 @@ class DownloadTiming:
     first_chunk_bytes: int = 0
 
     def valid(self) -> bool:
-        return (math.isfinite(self.seconds) and math.isfinite(self.first_chunk_seconds)
-                and 0 <= self.first_chunk_seconds <= self.seconds <= 86_400
-                and 0 <= self.first_chunk_bytes <= self.wire_bytes)
+        return (
+            math.isfinite(self.seconds)
+            and math.isfinite(self.first_chunk_seconds)
+            and 0 <= self.first_chunk_seconds <= self.seconds <= 86_400
+            and 0 <= self.first_chunk_bytes <= self.wire_bytes
+        )
 
 
 @dataclass
@@ -183,5 +187,8 @@ class LinkEstimator:
         table[client_id] = value if previous is None else (1 - self.weight) * previous + self.weight * value
 
     def link(self, client_id: str) -> Link:
-        return Link(self._down.get(client_id, self.assumed_bps), self._up.get(client_id, self.assumed_bps),
-                    self._latency.get(client_id, self.assumed_latency_s))
+        return Link(
+            self._down.get(client_id, self.assumed_bps),
+            self._up.get(client_id, self.assumed_bps),
+            self._latency.get(client_id, self.assumed_latency_s),
+        )

@@ -3,22 +3,25 @@
 The demo, the benchmarks and the integration tests all use this, so they exercise the
 same wire a deployment does: real processes, real sockets, nothing shared in memory.
 """
+
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 
-from fedgen.coordinator.config import CoordinatorConfig, parse_config
+from fedgen.coordinator.config import CoordinatorConfig
 from fedgen.core.data import Dataset, dirichlet_partition, label_histogram, label_restricted_test_split, save_shard
 from fedgen.core.transport import bearer_metadata, channel_options
 from fedgen.v1 import control_pb2, control_pb2_grpc
@@ -51,9 +54,16 @@ def toml_dumps(data: dict[str, Any]) -> str:
     return "\n".join(table("", data)) + "\n"
 
 
-def write_shards(train: Dataset, out_dir: Path, n_clients: int, alpha: float, seed: int,
-                 samples_per_class: int | None = None, test: Dataset | None = None,
-                 test_parts: list[np.ndarray] | None = None) -> tuple[list[Path], np.ndarray]:
+def write_shards(
+    train: Dataset,
+    out_dir: Path,
+    n_clients: int,
+    alpha: float,
+    seed: int,
+    samples_per_class: int | None = None,
+    test: Dataset | None = None,
+    test_parts: list[np.ndarray] | None = None,
+) -> tuple[list[Path], np.ndarray]:
     """Dirichlet-partitions `train` into one shard file per client; returns paths and label histogram.
 
     With `test` (and no explicit `test_parts`), each shard also gets FedGen's label-restricted
@@ -99,7 +109,7 @@ class LocalFederation:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -111,16 +121,25 @@ class LocalFederation:
         config_path.write_text(toml_dumps(self.config.model_dump(mode="json")))
         port_file = self.work_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
-        log = open(self.work_dir / "coordinator.log", "ab")
-        self.coordinator_proc = subprocess.Popen(
-            [sys.executable, "-m", "fedgen.coordinator", "serve", "--config", str(config_path), "--port-file", str(port_file)],
-            stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
-        )
+        command = [
+            sys.executable,
+            "-m",
+            "fedgen.coordinator",
+            "serve",
+            "--config",
+            str(config_path),
+            "--port-file",
+            str(port_file),
+        ]
+        with open(self.work_dir / "coordinator.log", "ab") as log:  # the child keeps its own descriptor
+            self.coordinator_proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
         deadline = time.monotonic() + timeout_s
         while not port_file.exists() or not port_file.read_text().strip():
             if self.coordinator_proc.poll() is not None:
-                raise RuntimeError(f"coordinator exited with {self.coordinator_proc.returncode}; "
-                                   f"see {self.work_dir / 'coordinator.log'}")
+                raise RuntimeError(
+                    f"coordinator exited with {self.coordinator_proc.returncode}; "
+                    f"see {self.work_dir / 'coordinator.log'}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError("coordinator did not report its port in time")
             time.sleep(0.05)
@@ -141,13 +160,32 @@ class LocalFederation:
         client_id = shard.stem
         with open(self.work_dir / f"{client_id}.log", "ab") as log:  # the child keeps its own descriptor
             return subprocess.Popen(
-                [sys.executable, "-m", "fedgen.edge", "--coordinator",
-                 self.per_client_address.get(k) or self.client_address or self.address,
-                 "--data", str(shard),
-                 "--token", token, "--client-id", client_id, "--threads", str(self.client_threads),
-                 "--cache-dir", str(self.work_dir / "cache" / client_id), "--seed", str(self.config.federation.seed + k),
-                 "--log-level", self.client_log_level, *self.extra_client_args, *self.per_client_args.get(k, [])],
-                stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
+                [
+                    sys.executable,
+                    "-m",
+                    "fedgen.edge",
+                    "--coordinator",
+                    self.per_client_address.get(k) or self.client_address or self.address,
+                    "--data",
+                    str(shard),
+                    "--token",
+                    token,
+                    "--client-id",
+                    client_id,
+                    "--threads",
+                    str(self.client_threads),
+                    "--cache-dir",
+                    str(self.work_dir / "cache" / client_id),
+                    "--seed",
+                    str(self.config.federation.seed + k),
+                    "--log-level",
+                    self.client_log_level,
+                    *self.extra_client_args,
+                    *self.per_client_args.get(k, []),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
             )
 
     def channel(self) -> grpc.Channel:
@@ -169,21 +207,23 @@ class LocalFederation:
         """Round events from the Control stream until the federation finishes (or timeout)."""
         with self.channel() as channel:
             stub = self.control(channel)
-            yield from stub.StreamEvents(control_pb2.StreamEventsRequest(), timeout=timeout_s,
-                                         metadata=self.control_metadata())
+            yield from stub.StreamEvents(
+                control_pb2.StreamEventsRequest(), timeout=timeout_s, metadata=self.control_metadata()
+            )
 
     def ledger(self) -> list[control_pb2.LedgerRow]:
         with self.channel() as channel:
-            return list(self.control(channel).GetLedger(control_pb2.GetLedgerRequest(), timeout=30,
-                                                        metadata=self.control_metadata()).rows)
+            return list(
+                self.control(channel)
+                .GetLedger(control_pb2.GetLedgerRequest(), timeout=30, metadata=self.control_metadata())
+                .rows
+            )
 
     def wait_clients(self, timeout_s: float = 60.0) -> list[int | None]:
         deadline = time.monotonic() + timeout_s
         for proc in self.client_procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         return [p.poll() for p in self.client_procs]
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
 """PNG plots of a ledger: accuracy and bytes per round."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from fedgen.coordinator.ledger import LedgerRow  # noqa: E402
+from fedgen.coordinator.ledger import LedgerRow
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:

@@ -62,8 +62,9 @@ class ClientRegistry:
 
     def load(self, stored: Iterable[StoredClient]) -> None:
         for c in stored:
-            self._clients[c.client_id] = ClientRecord(c.client_id, c.credential_sha256, c.profile, c.issued_ms,
-                                                      left=c.left_ms is not None)
+            self._clients[c.client_id] = ClientRecord(
+                c.client_id, c.credential_sha256, c.profile, c.issued_ms, left=c.left_ms is not None
+            )
 
     def __getitem__(self, client_id: str) -> ClientRecord:
         return self._clients[client_id]
@@ -77,7 +78,8 @@ class ClientRegistry:
         if requested_id:
             if len(requested_id) > MAX_CLIENT_ID or not set(requested_id) <= _CLIENT_ID_CHARS:
                 raise errors.InvalidArgument(
-                    f"requested_client_id must be 1-{MAX_CLIENT_ID} characters of letters, digits, '-', '_' or '.'")
+                    f"requested_client_id must be 1-{MAX_CLIENT_ID} characters of letters, digits, '-', '_' or '.'"
+                )
             client_id = requested_id
         else:
             client_id = f"client-{uuid.uuid4().hex[:10]}"
@@ -104,7 +106,8 @@ class ClientRegistry:
             raise errors.Unauthenticated(f"client {client_id} has left the federation; join again")
         if self._expired(record):
             raise errors.Unauthenticated(
-                f"credential of {client_id} expired (older than {self._auth.credential_ttl_s:g} s); join again")
+                f"credential of {client_id} expired (older than {self._auth.credential_ttl_s:g} s); join again"
+            )
         record.last_seen = time.monotonic()
         return client_id
 
@@ -165,8 +168,9 @@ class ClientRegistry:
 
     def eligible(self, task_kind: str) -> list[str]:
         """Clients that are alive (inside a long poll now, or seen recently), ready and not declined."""
-        return sorted(c.client_id for c in self._clients.values()
-                      if self._alive(c) and self._unfit(c, task_kind) is None)
+        return sorted(
+            c.client_id for c in self._clients.values() if self._alive(c) and self._unfit(c, task_kind) is None
+        )
 
     def skipped(self, task_kind: str) -> dict[str, str]:
         """Connected clients that are not eligible, with the reason the ledger records."""

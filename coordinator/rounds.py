@@ -43,6 +43,19 @@ class OpenRound:
     bytes_down: Counter[str] = field(default_factory=Counter)
     bytes_up: Counter[str] = field(default_factory=Counter)  # requests other than the update
     closed: bool = False
+    # What the round's clients may download: its model and artifacts in every encoding, and the
+    # deltas made for clients as they were planned.
+    published: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.published |= {self.model_sha256, *(a.sha256 for a in self.artifacts), *self.variants.digests()}
+
+    def assign(self, client_id: str, plan: ClientPlan) -> ClientPlan:
+        """Fixes a client's encodings for the round and publishes what they name."""
+        self.plans[client_id] = plan
+        self.published.add(plan.model.sha256)
+        self.published.update(v.sha256 for v in plan.artifacts.values())
+        return plan
 
     @property
     def all_in(self) -> bool:
@@ -53,8 +66,16 @@ class OpenRound:
         return client_id in self.accepted or client_id in self.rejected or client_id in self.declined
 
     def record(self, status: str = "open") -> RoundRecord:
-        return RoundRecord(self.round, self.attempt, status, dict(self.cohort), self.model_sha256, self.opened_ms,
-                           self.deadline_ms, self.artifacts)
+        return RoundRecord(
+            self.round,
+            self.attempt,
+            status,
+            dict(self.cohort),
+            self.model_sha256,
+            self.opened_ms,
+            self.deadline_ms,
+            self.artifacts,
+        )
 
     def transfers(self) -> dict[str, ClientTransfer]:
         return {cid: plan.ledger_transfer() for cid, plan in self.plans.items()}

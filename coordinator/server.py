@@ -1,4 +1,5 @@
 """Building the coordinator's gRPC server, standalone or mounted on a server the user owns."""
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,9 @@ def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInte
     return [AuthInterceptor(federation, auth.operator_hash(), limiter)]
 
 
-def add_servicers(server: grpc.aio.Server, federation: Federation,
-                  health_servicer: health.aio.HealthServicer | None = None) -> health.aio.HealthServicer:
+def add_servicers(
+    server: grpc.aio.Server, federation: Federation, health_servicer: health.aio.HealthServicer | None = None
+) -> health.aio.HealthServicer:
     """Adds Fleet and Control (and, unless you pass your own, grpc.health.v1.Health) to a server.
 
     Use this to mount the coordinator on a grpc.aio server you built (your interceptors, ports and
@@ -112,18 +114,19 @@ class RunningCoordinator:
         await self.federation.close()
 
 
-async def mount(server: grpc.aio.Server, federation: Federation,
-                health_servicer: health.aio.HealthServicer | None = None) -> RunningCoordinator:
+async def mount(
+    server: grpc.aio.Server, federation: Federation, health_servicer: health.aio.HealthServicer | None = None
+) -> RunningCoordinator:
     """Mounts the coordinator on a server you built and will start yourself.
 
-        server = grpc.aio.server(interceptors=[my_interceptor, *coordinator_interceptors(fed)])
-        running = await mount(server, fed)          # Fleet, Control (+ Health unless you pass yours)
-        my_pb2_grpc.add_MyServiceServicer_to_server(..., server)
-        port = server.add_secure_port(address, my_credentials)
-        await server.start()
-        await running.start_engine()
-        ...
-        await running.stop()                          # your server keeps running
+    server = grpc.aio.server(interceptors=[my_interceptor, *coordinator_interceptors(fed)])
+    running = await mount(server, fed)          # Fleet, Control (+ Health unless you pass yours)
+    my_pb2_grpc.add_MyServiceServicer_to_server(..., server)
+    port = server.add_secure_port(address, my_credentials)
+    await server.start()
+    await running.start_engine()
+    ...
+    await running.stop()                          # your server keeps running
     """
     health_servicer = add_servicers(server, federation, health_servicer)
     return RunningCoordinator(server, 0, federation, health_servicer, owns_server=False)
@@ -157,8 +160,9 @@ async def create_server(
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"cannot bind server.address {address!r} (expected host:port, e.g. 0.0.0.0:50051, "
-                      "and a port that is free)")
+        raise OSError(
+            f"cannot bind server.address {address!r} (expected host:port, e.g. 0.0.0.0:50051, and a port that is free)"
+        )
     await server.start()
     running = RunningCoordinator(server, port, federation, health_servicer)
     await running.start_engine()

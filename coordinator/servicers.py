@@ -1,12 +1,12 @@
 """Thin gRPC servicers: parse, authenticate, call the round engine, map errors to status codes."""
+
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
@@ -21,11 +21,14 @@ _LOGGER = logging.getLogger(__name__)
 #: Smallest download chunk the server sends, whatever the client asks for.
 MIN_CHUNK_BYTES = 1024
 
-_DECLINE_KINDS = {fleet_pb2.DECLINE_REASON_MEMORY: "memory", fleet_pb2.DECLINE_REASON_CONDITIONS: "conditions",
-                  fleet_pb2.DECLINE_REASON_ARTIFACT: "artifact"}
+_DECLINE_KINDS = {
+    fleet_pb2.DECLINE_REASON_MEMORY: "memory",
+    fleet_pb2.DECLINE_REASON_CONDITIONS: "conditions",
+    fleet_pb2.DECLINE_REASON_ARTIFACT: "artifact",
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 def _rpc_name(fn: Callable[..., Any]) -> str:
@@ -37,8 +40,8 @@ async def _abort(context: Context, name: str, err: errors.FederationError) -> No
     await context.abort(err.code, str(err))
 
 
-async def _internal(context: Context, name: str) -> None:
-    _LOGGER.exception("[%s] unexpected error", name)
+async def _internal(context: Context, name: str, err: Exception) -> None:
+    _LOGGER.error("[%s] unexpected error", name, exc_info=err)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator (logged there)")
 
 
@@ -54,8 +57,8 @@ def unary_errors(fn: F) -> F:
             await _abort(context, name, err)
         except grpc.aio.AbortError:
             raise
-        except Exception:  # a bug: log it whole, tell the caller nothing about our internals
-            await _internal(context, name)
+        except Exception as err:  # a bug: log it whole, tell the caller nothing about our internals
+            await _internal(context, name, err)
 
     return wrapper  # type: ignore[return-value]
 
@@ -73,15 +76,16 @@ def stream_errors(fn: F) -> F:
             await _abort(context, name, err)
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            await _internal(context, name)
+        except Exception as err:
+            await _internal(context, name, err)
 
     return wrapper  # type: ignore[return-value]
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, federation: Federation, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_poll_wait_s: float = 20.0) -> None:
+    def __init__(
+        self, federation: Federation, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_poll_wait_s: float = 20.0
+    ) -> None:
         self.fed = federation
         self.chunk_bytes = chunk_bytes
         self.max_poll_wait_s = max_poll_wait_s
@@ -95,8 +99,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             request.enrollment_token, wire.profile_from_proto(request.profile), request.requested_client_id
         )
         interval_ms = int(self.fed.config.federation.heartbeat_timeout_s * 1000 / 3)
-        return fleet_pb2.JoinResponse(client_id=client_id, credential=credential,
-                                      heartbeat_interval_ms=interval_ms, federation_id=self.fed.federation_id)
+        return fleet_pb2.JoinResponse(
+            client_id=client_id,
+            credential=credential,
+            heartbeat_interval_ms=interval_ms,
+            federation_id=self.fed.federation_id,
+        )
 
     @unary_errors
     async def PollTask(self, request: fleet_pb2.PollTaskRequest, context: Context) -> fleet_pb2.Task:
@@ -115,15 +123,16 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
         client_id = self._client(context)
         self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
-        data = await asyncio.to_thread(self.fed.artifact_bytes, request.artifact_id)
+        data = await self.fed.artifact_bytes(request.artifact_id)
         if request.offset > len(data):
             raise errors.OutOfRange(f"offset {request.offset} is beyond the artifact's {len(data)} bytes")
         # A floor, so a 1-byte chunk request cannot make the server send one message per byte.
         chunk = max(MIN_CHUNK_BYTES, min(request.max_chunk_bytes or self.chunk_bytes, self.chunk_bytes))
         offset = request.offset
         while offset < len(data) or (offset == 0 and not data):
-            msg = fleet_pb2.ArtifactChunk(artifact_id=request.artifact_id, offset=offset,
-                                          data=data[offset : offset + chunk], total_size=len(data))
+            msg = fleet_pb2.ArtifactChunk(
+                artifact_id=request.artifact_id, offset=offset, data=data[offset : offset + chunk], total_size=len(data)
+            )
             self.fed.record_download(client_id, wire_bytes(msg.ByteSize()))
             yield msg
             offset += chunk
@@ -145,8 +154,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         header = wire.upload_header_from_proto(first.header)
         duplicate = await self.fed.check_upload_header(client_id, header)
         if duplicate is not None:
-            _LOGGER.info("[Fleet.UploadUpdate] duplicate upload %s from %s acknowledged again",
-                         header.idempotency_key, client_id)
+            _LOGGER.info(
+                "[Fleet.UploadUpdate] duplicate upload %s from %s acknowledged again", header.idempotency_key, client_id
+            )
             return wire.upload_result_to_proto(duplicate)
         started = time.monotonic()  # the upload's time on the link: header to last chunk
         received = wire_bytes(first.ByteSize())
@@ -168,9 +178,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         return ack
 
     @unary_errors
-    async def Heartbeat(
-        self, request: fleet_pb2.HeartbeatRequest, context: Context
-    ) -> fleet_pb2.HeartbeatResponse:
+    async def Heartbeat(self, request: fleet_pb2.HeartbeatRequest, context: Context) -> fleet_pb2.HeartbeatResponse:
         client_id = self._client(context)
         self.fed.update_state(client_id, request.state.not_ready, request.state.reason)
         response = fleet_pb2.HeartbeatResponse(current_round=self.fed.current_round)
@@ -229,8 +237,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         queue = self.fed.subscribe()
         try:
             if self.fed.finished:
-                yield control_pb2.RoundEvent(kind=control_pb2.RoundEvent.KIND_FEDERATION_FINISHED,
-                                             round=self.fed.current_round, message="federation finished")
+                yield control_pb2.RoundEvent(
+                    kind=control_pb2.RoundEvent.KIND_FEDERATION_FINISHED,
+                    round=self.fed.current_round,
+                    message="federation finished",
+                )
                 return
             while True:
                 event = await queue.get()

@@ -16,7 +16,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,12 +112,17 @@ class SqliteStateStore(StateStore):
 
     def _create_schema(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = _connect(self.path)
+        try:
+            db = _connect(self.path)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} is not a usable SQLite database: {err}") from None
         try:
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} holds state schema {version}; this coordinator knows up to "
-                                 f"{SCHEMA_VERSION} (upgrade the coordinator)")
+                raise StoreError(
+                    f"{self.path} holds state schema {version}; this coordinator knows up to "
+                    f"{SCHEMA_VERSION} (upgrade the coordinator)"
+                )
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as err:
@@ -218,70 +223,110 @@ class SqliteStateStore(StateStore):
 
     # -------------------------------------------------------------- clients
     async def upsert_client(self, client: StoredClient) -> None:
-        await self._write([(
-            "INSERT INTO clients(client_id, credential_sha256, profile_json, joined_ms) VALUES (?,?,?,?) "
-            "ON CONFLICT(client_id) DO UPDATE SET credential_sha256=excluded.credential_sha256, "
-            "profile_json=excluded.profile_json, joined_ms=excluded.joined_ms, left_ms=NULL",
-            (client.client_id, client.credential_sha256, client.profile.to_json(), client.issued_ms),
-        )])
+        await self._write(
+            [
+                (
+                    "INSERT INTO clients(client_id, credential_sha256, profile_json, joined_ms) VALUES (?,?,?,?) "
+                    "ON CONFLICT(client_id) DO UPDATE SET credential_sha256=excluded.credential_sha256, "
+                    "profile_json=excluded.profile_json, joined_ms=excluded.joined_ms, left_ms=NULL",
+                    (client.client_id, client.credential_sha256, client.profile.to_json(), client.issued_ms),
+                )
+            ]
+        )
 
     async def mark_left(self, client_id: str, now_ms: int) -> None:
         await self._write([("UPDATE clients SET left_ms=? WHERE client_id=?", (now_ms, client_id))])
 
     async def clients(self) -> list[StoredClient]:
         rows = await self._query("SELECT client_id, credential_sha256, profile_json, joined_ms, left_ms FROM clients")
-        return [StoredClient(cid, cred, ClientProfile.from_json(profile), joined, left)
-                for cid, cred, profile, joined, left in rows]
+        return [
+            StoredClient(cid, cred, ClientProfile.from_json(profile), joined, left)
+            for cid, cred, profile, joined, left in rows
+        ]
 
     # --------------------------------------------------------------- rounds
     async def open_round(self, record: RoundRecord) -> None:
         artifacts = [{"kind": a.kind, "sha256": a.sha256, "size": a.size} for a in record.artifacts]
-        await self._write([(
-            "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?)",
-            (record.round, record.attempt, record.status, json.dumps(record.cohort), record.model_sha256,
-             record.opened_ms, record.deadline_ms, json.dumps(artifacts)),
-        )])
+        await self._write(
+            [
+                (
+                    "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        record.round,
+                        record.attempt,
+                        record.status,
+                        json.dumps(record.cohort),
+                        record.model_sha256,
+                        record.opened_ms,
+                        record.deadline_ms,
+                        json.dumps(artifacts),
+                    ),
+                )
+            ]
+        )
 
     async def set_round_deadline(self, round_: int, attempt: int, deadline_ms: int) -> None:
-        await self._write([("UPDATE rounds SET deadline_ms=? WHERE round=? AND attempt=?",
-                            (deadline_ms, round_, attempt))])
+        await self._write(
+            [("UPDATE rounds SET deadline_ms=? WHERE round=? AND attempt=?", (deadline_ms, round_, attempt))]
+        )
 
     async def fail_round(self, round_: int, attempt: int) -> None:
         await self._write([("UPDATE rounds SET status='failed' WHERE round=? AND attempt=?", (round_, attempt))])
 
     async def open_rounds(self) -> list[RoundRecord]:
         rows = await self._query("SELECT * FROM rounds WHERE status='open' ORDER BY round, attempt")
-        return [RoundRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6],
-                            tuple(ArtifactRecord(a["kind"], a["sha256"], int(a["size"])) for a in json.loads(r[7])))
-                for r in rows]
+        return [_round(r) for r in rows]
+
+    async def round_record(self, round_: int, attempt: int) -> RoundRecord | None:
+        rows = await self._query("SELECT * FROM rounds WHERE round=? AND attempt=?", (round_, attempt))
+        return _round(rows[0]) if rows else None
 
     async def max_attempt(self, round_: int) -> int:
         rows = await self._query("SELECT MAX(attempt) FROM rounds WHERE round=?", (round_,))
         return -1 if rows[0][0] is None else int(rows[0][0])
 
     async def commit_round(self, round_: int, attempt: int, row: LedgerRow, meta: Mapping[str, str]) -> None:
-        await self._write([
-            ("UPDATE rounds SET status='committed' WHERE round=? AND attempt=?", (round_, attempt)),
-            ("INSERT OR REPLACE INTO ledger(round, row_json) VALUES (?, ?)", (round_, json.dumps(row.to_dict()))),
-            *(_set_meta(k, v) for k, v in meta.items()),
-        ])
+        await self._write(
+            [
+                ("UPDATE rounds SET status='committed' WHERE round=? AND attempt=?", (round_, attempt)),
+                ("INSERT OR REPLACE INTO ledger(round, row_json) VALUES (?, ?)", (round_, json.dumps(row.to_dict()))),
+                *(_set_meta(k, v) for k, v in meta.items()),
+            ]
+        )
 
     # -------------------------------------------------------------- updates
     async def add_update(self, update: UpdateRecord) -> None:
         u = update
-        await self._write([(
-            "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (u.idempotency_key, u.round, u.attempt, u.client_id, u.task_id, u.payload_sha256, u.num_examples,
-             json.dumps(list(u.label_counts)), json.dumps(u.metrics), u.train_seconds, u.bytes_up, u.received_ms),
-        )])
+        await self._write(
+            [
+                (
+                    "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        u.idempotency_key,
+                        u.round,
+                        u.attempt,
+                        u.client_id,
+                        u.task_id,
+                        u.payload_sha256,
+                        u.num_examples,
+                        json.dumps(list(u.label_counts)),
+                        json.dumps(u.metrics),
+                        u.train_seconds,
+                        u.bytes_up,
+                        u.received_ms,
+                    ),
+                )
+            ]
+        )
 
     async def find_update(self, idempotency_key: str) -> UpdateRecord | None:
         rows = await self._query("SELECT * FROM updates WHERE idempotency_key=?", (idempotency_key,))
         return _update(rows[0]) if rows else None
 
     async def updates_for(self, round_: int, attempt: int) -> list[UpdateRecord]:
-        rows = await self._query("SELECT * FROM updates WHERE round=? AND attempt=? ORDER BY received_ms",
-                                 (round_, attempt))
+        rows = await self._query(
+            "SELECT * FROM updates WHERE round=? AND attempt=? ORDER BY received_ms", (round_, attempt)
+        )
         return [_update(r) for r in rows]
 
     # --------------------------------------------------------------- ledger
@@ -294,7 +339,12 @@ def _set_meta(key: str, value: str) -> Statement:
     return "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value)
 
 
-def _update(r: tuple[Any, ...]) -> UpdateRecord:
-    return UpdateRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(json.loads(r[7])), json.loads(r[8]),
-                        r[9], r[10], r[11])
+def _round(r: tuple[Any, ...]) -> RoundRecord:
+    artifacts = tuple(ArtifactRecord(a["kind"], a["sha256"], int(a["size"])) for a in json.loads(r[7]))
+    return RoundRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], artifacts)
 
+
+def _update(r: tuple[Any, ...]) -> UpdateRecord:
+    return UpdateRecord(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(json.loads(r[7])), json.loads(r[8]), r[9], r[10], r[11]
+    )

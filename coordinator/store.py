@@ -80,6 +80,10 @@ class StateStore(ABC):
         """Rounds a crash left open, oldest first."""
 
     @abstractmethod
+    async def round_record(self, round_: int, attempt: int) -> RoundRecord | None:
+        """One attempt at a round as it was recorded (open, committed or failed), or None."""
+
+    @abstractmethod
     async def max_attempt(self, round_: int) -> int:
         """The highest attempt of ``round_`` so far, -1 when it never opened."""
 

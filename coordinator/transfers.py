@@ -79,16 +79,23 @@ class ClientPlan:
 
     def ledger_transfer(self) -> ClientTransfer:
         return ClientTransfer(
-            model_encoding=self.model.name, upload_encoding=self.upload.name,
+            model_encoding=self.model.name,
+            upload_encoding=self.upload.name,
             artifact_encodings={kind: v.name for kind, v in self.artifacts.items()},
-            estimated_down_bps=round(self.estimated_down_bps, 1), estimated_up_bps=round(self.estimated_up_bps, 1),
+            estimated_down_bps=round(self.estimated_down_bps, 1),
+            estimated_up_bps=round(self.estimated_up_bps, 1),
             expected_transfer_seconds=round(self.expected_s, 4),
         )
 
 
 class TransferPlanner:
-    def __init__(self, config: BandwidthConfig, blobs: BlobStore, tensor_shapes: Mapping[str, tuple[tuple[int, ...], bool]],
-                 artifact_specs: Sequence[ArtifactSpec] = ()) -> None:
+    def __init__(
+        self,
+        config: BandwidthConfig,
+        blobs: BlobStore,
+        tensor_shapes: Mapping[str, tuple[tuple[int, ...], bool]],
+        artifact_specs: Sequence[ArtifactSpec] = (),
+    ) -> None:
         self.config = config
         self.blobs = blobs
         self.shapes = dict(tensor_shapes)
@@ -160,8 +167,11 @@ class TransferPlanner:
             made = variants.artifacts[artifact.kind] = {}
             for encoding in self._choices(spec.ladder, spec.fixed):
                 if not spec.available(encoding):
-                    _LOGGER.warning("%s encoding %s skipped: this installation cannot make it (for int4: "
-                                    "onnx-ir is not installed)", artifact.kind, encoding)
+                    _LOGGER.warning(
+                        "%s encoding %s skipped: this installation cannot make it (for int4: onnx-ir is not installed)",
+                        artifact.kind,
+                        encoding,
+                    )
                     continue
                 made[encoding] = self._artifact_variant(spec, artifact.sha256, encoding)
             if not made:
@@ -194,20 +204,28 @@ class TransferPlanner:
         link = self.estimator.link(client_id)
         models = {v.encoding: v for v in self._model_rungs(variants, held)}
         transfers = [Transfer(MODEL, "down", tuple(Rung(v.encoding, v.size) for v in models.values()))]
-        transfers += [Transfer(kind, "down", tuple(Rung(v.encoding, v.size) for v in by_encoding.values()))
-                      for kind, by_encoding in variants.artifacts.items()]
+        transfers += [
+            Transfer(kind, "down", tuple(Rung(v.encoding, v.size) for v in by_encoding.values()))
+            for kind, by_encoding in variants.artifacts.items()
+        ]
         uploads = self._choices(self.config.upload_ladder, self.config.upload_encoding)
         transfers.append(Transfer(UPLOAD, "up", tuple(Rung(e, self._upload_size(e)) for e in uploads)))
         budget = self.config.transfer_budget_s * self.config.budget_headroom if self.adaptive else 0.0
         chosen = choose_encodings(transfers, link, budget)
         if not chosen.fits:
-            _LOGGER.warning("%s: even the most compact encodings need %.1fs, over the %.1fs budget",
-                            client_id, chosen.expected_s, budget)
+            _LOGGER.warning(
+                "%s: even the most compact encodings need %.1fs, over the %.1fs budget",
+                client_id,
+                chosen.expected_s,
+                budget,
+            )
         return ClientPlan(
             model=models[chosen.choices[MODEL]],
             artifacts={kind: by_encoding[chosen.choices[kind]] for kind, by_encoding in variants.artifacts.items()},
             upload=chosen.choices[UPLOAD],
-            estimated_down_bps=link.down_bps, estimated_up_bps=link.up_bps, expected_s=chosen.expected_s,
+            estimated_down_bps=link.down_bps,
+            estimated_up_bps=link.up_bps,
+            expected_s=chosen.expected_s,
         )
 
     # ------------------------------------------------------------ learning

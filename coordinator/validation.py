@@ -1,4 +1,5 @@
 """Checks an update must pass before it is persisted: the coordinator's input boundary."""
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ def validate_state(state: State, spec: StateSpec) -> None:
             raise UpdateRejected(f"update tensor {key!r} has {bad} non-finite value(s) (NaN or Inf)")
 
 
-def validate_counts(num_examples: int, label_counts: Sequence[int], n_classes: int,
-                    max_trained: int | None = None) -> None:
+def validate_counts(
+    num_examples: int, label_counts: Sequence[int], n_classes: int, max_trained: int | None = None
+) -> None:
     """`label_counts` are what the client trained on this round: at most `max_trained`
     (local steps x batch size of its task) in all, and at least one."""
     if num_examples <= 0:
@@ -53,7 +55,8 @@ def validate_counts(num_examples: int, label_counts: Sequence[int], n_classes: i
         raise UpdateRejected("label_counts are all zero: the update says it trained on no example")
     if max_trained is not None and total > max_trained:
         raise UpdateRejected(
-            f"label_counts sum to {total}, more than the {max_trained} examples the task's local steps x batch size allow"
+            f"label_counts sum to {total}, more than the {max_trained} examples "
+            "the task's local steps x batch size allow"
         )
 
 
@@ -71,7 +74,8 @@ def validate_report(metrics: Mapping[str, float], train_seconds: float) -> None:
     correct, total = metrics.get("local_test_correct"), metrics.get("local_test_total")
     if (correct is None) != (total is None):
         raise UpdateRejected("local_test_correct and local_test_total must be reported together")
-    if correct is not None and total is not None:
-        if not (float(correct).is_integer() and float(total).is_integer() and 0 <= correct <= total <= MAX_NUM_EXAMPLES):
-            raise UpdateRejected(
-                f"local test counts must be whole numbers with 0 <= correct <= total (got {correct!r} of {total!r})")
+    whole = correct is not None and total is not None and float(correct).is_integer() and float(total).is_integer()
+    if correct is not None and total is not None and not (whole and 0 <= correct <= total <= MAX_NUM_EXAMPLES):
+        raise UpdateRejected(
+            f"local test counts must be whole numbers with 0 <= correct <= total (got {correct!r} of {total!r})"
+        )

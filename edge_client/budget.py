@@ -1,18 +1,23 @@
 """The device's memory budget: what the process uses, what a task would need, and whether it fits.
 
-Measured, not guessed, where Linux lets us: the resident set (VmRSS) and its peak (VmHWM) come
-from /proc/self/status, and the peak is reset before each round (/proc/self/clear_refs), so the
-figure reported for a round is that round's own peak. The estimate of what a task needs is a pure
-function (`plan_task`) so the decision to decline is testable without a device.
+Measured, not guessed: the resident set and the memory the OS can give come from psutil. The peak
+of a round is Linux's VmHWM, reset before each round (``/proc/self/clear_refs``), so the figure
+reported for a round is that round's own peak: psutil exposes no resettable peak, so that one
+reading is done here. The estimate of what a task needs is a pure function (``plan_task``), so
+the decision to decline is testable without a device.
 """
+
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,34 +35,33 @@ MODEL_COPIES = 5
 #: onnxruntime's session for the generator: the graph, its weights, arenas; a multiple of its file.
 ONNX_SESSION_FACTOR = 4.0
 ONNX_SESSION_BASE_MIB = 4.0
+_PROC_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kib(field: str, status: Path = Path("/proc/self/status")) -> float | None:
+def rss_mib() -> float | None:
+    """Resident set size of this process now, MiB (None where the platform does not say)."""
     try:
-        for line in status.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return float(line.split()[1])  # "VmRSS:   123456 kB"
+        return float(psutil.Process().memory_info().rss) / MIB
+    except (psutil.Error, OSError):
+        return None
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident set size since the last ``reset_peak_rss()`` (or process start), MiB; Linux only."""
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024  # "VmHWM:   123456 kB"
     except OSError:
         pass
     return None
 
 
-def rss_mib() -> float | None:
-    """Resident set size of this process now, MiB (None where /proc is missing)."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib / 1024
-
-
-def peak_rss_mib() -> float | None:
-    """Peak resident set size since the last `reset_peak_rss()` (or process start), MiB."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib / 1024
-
-
 def reset_peak_rss() -> bool:
     """Resets VmHWM to the current RSS (Linux >= 4.0), so the next peak is one round's own."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        _CLEAR_REFS.write_text("5")
         return True
     except OSError:
         return False
@@ -67,24 +71,21 @@ def release_free_memory() -> None:
     """Hands memory freed after a round back to the OS (glibc's malloc_trim), so the next round's
     baseline is what the process really holds, not what the allocator kept. A no-op elsewhere."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
-def available_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> float | None:
-    """MemAvailable: what the kernel thinks can be given to a new workload without swapping."""
+def available_memory_mib() -> float | None:
+    """What the OS can give a new workload without swapping (Linux's MemAvailable), MiB."""
     try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+        return float(psutil.virtual_memory().available) / MIB
+    except (psutil.Error, OSError):
+        return None
 
 
-def effective_budget_mib(declared_mib: float, available_mib: float | None, current_rss_mib: float | None) -> float | None:
+def effective_budget_mib(
+    declared_mib: float, available_mib: float | None, current_rss_mib: float | None
+) -> float | None:
     """The budget the client holds itself to: the declared one, but never more than the process
     could grow to (what it holds now plus what the OS says is available). None = no limit known."""
     ceiling = None if available_mib is None else available_mib + (current_rss_mib or 0.0)
@@ -114,15 +115,23 @@ class MemoryPlan:
     reason: str = ""
 
 
-def plan_task(baseline_mib: float, budget_mib: float | None, needs: TaskNeeds,
-              activation_bytes: int = ACTIVATION_BYTES_PER_EXAMPLE) -> MemoryPlan:
+def plan_task(
+    baseline_mib: float,
+    budget_mib: float | None,
+    needs: TaskNeeds,
+    activation_bytes: int = ACTIVATION_BYTES_PER_EXAMPLE,
+) -> MemoryPlan:
     """The largest micro-batch that keeps the round's estimated peak within the budget.
 
     peak = baseline (the process now) + model copies + generator session + activations of one
     micro-batch (and the generated latents) + a safety margin.
     """
-    fixed = (baseline_mib + MODEL_COPIES * needs.model_bytes / MIB + SAFETY_MIB
-             + (ONNX_SESSION_BASE_MIB + ONNX_SESSION_FACTOR * needs.generator_bytes / MIB if needs.generator_bytes else 0.0))
+    fixed = (
+        baseline_mib
+        + MODEL_COPIES * needs.model_bytes / MIB
+        + SAFETY_MIB
+        + (ONNX_SESSION_BASE_MIB + ONNX_SESSION_FACTOR * needs.generator_bytes / MIB if needs.generator_bytes else 0.0)
+    )
     per_example = activation_bytes / MIB
 
     def need(micro: int) -> float:
@@ -133,8 +142,13 @@ def plan_task(baseline_mib: float, budget_mib: float | None, needs: TaskNeeds,
     for micro in _divisor_sizes(needs.batch_size):
         if need(micro) <= budget_mib:
             return MemoryPlan(True, micro, need(micro), budget_mib)
-    return MemoryPlan(False, 1, need(1), budget_mib,
-                      f"needs about {math.ceil(need(1))} MiB even one example at a time; budget {budget_mib:.0f} MiB")
+    return MemoryPlan(
+        False,
+        1,
+        need(1),
+        budget_mib,
+        f"needs about {math.ceil(need(1))} MiB even one example at a time; budget {budget_mib:.0f} MiB",
+    )
 
 
 def _divisor_sizes(batch: int) -> list[int]:

@@ -1,4 +1,5 @@
 """`fedgen-client`: run one edge client against a coordinator."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,22 +20,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-id", default="", help="stable id to join as (default: assigned by the coordinator)")
     p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default ~/.cache/fedgen/<id>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--memory-budget-mb", type=int, default=0,
-                   help="memory this client may use, MiB; it sizes its training to fit and declines tasks that "
-                        "cannot (default: what the OS reports available)")
+    p.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=0,
+        help="memory this client may use, MiB; it sizes its training to fit and declines tasks that "
+        "cannot (default: what the OS reports available)",
+    )
     when = p.add_argument_group("when to train (default: always)")
     when.add_argument("--only-on-mains", action="store_true", help="train only on mains power (Linux sysfs)")
-    when.add_argument("--ready-command", default="",
-                      help="a program asked before every poll: exit 0 = ready, else its first output line is "
-                           "the reason (e.g. a check that the link is unmetered)")
-    p.add_argument("--link-down-mbps", type=float, default=0.0,
-                   help="this device's downlink as you know it, Mbit/s (seeds the coordinator's estimate until "
-                        "it has measured the link; default: unknown)")
+    when.add_argument(
+        "--ready-command",
+        default="",
+        help="a program asked before every poll: exit 0 = ready, else its first output line is "
+        "the reason (e.g. a check that the link is unmetered)",
+    )
+    p.add_argument(
+        "--link-down-mbps",
+        type=float,
+        default=0.0,
+        help="this device's downlink as you know it, Mbit/s (seeds the coordinator's estimate until "
+        "it has measured the link; default: unknown)",
+    )
     p.add_argument("--link-up-mbps", type=float, default=0.0, help="the same for the uplink")
     p.add_argument("--seed", type=int, default=0)
     tls = p.add_argument_group("TLS (default: plaintext)")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    tls.add_argument("--tls-ca", type=Path, help="PEM CA bundle that signed the coordinator's certificate (implies --tls)")
+    tls.add_argument(
+        "--tls-ca", type=Path, help="PEM CA bundle that signed the coordinator's certificate (implies --tls)"
+    )
     tls.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS (with --tls-key)")
     tls.add_argument("--tls-key", type=Path, help="PEM client private key, for mutual TLS")
     tls.add_argument("--tls-server-name", default="", help="name to verify the server certificate against")
@@ -65,11 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         print("fedgen-client: --tls-cert and --tls-key go together (mutual TLS)", file=sys.stderr)
         return 2
     settings = ClientSettings(
-        coordinator=args.coordinator, enrollment_token=args.token, data_path=args.data, client_id=args.client_id,
-        cache_dir=args.cache_dir, threads=args.threads, memory_budget_mb=args.memory_budget_mb, seed=args.seed,
-        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
-        use_tls=args.tls, readiness=_readiness(args),
-        link_down_bps=int(max(args.link_down_mbps, 0) * 1e6), link_up_bps=int(max(args.link_up_mbps, 0) * 1e6),
+        coordinator=args.coordinator,
+        enrollment_token=args.token,
+        data_path=args.data,
+        client_id=args.client_id,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        memory_budget_mb=args.memory_budget_mb,
+        seed=args.seed,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        use_tls=args.tls,
+        readiness=_readiness(args),
+        link_down_bps=int(max(args.link_down_mbps, 0) * 1e6),
+        link_up_bps=int(max(args.link_up_mbps, 0) * 1e6),
     )
     try:
         summary = run_client(settings)
@@ -80,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     logging.getLogger("edge_client").info(
         "finished: %d round(s) trained, %d rejected, %d declined, %d B down, %d B up",
-        summary.rounds_trained, summary.updates_rejected, summary.tasks_declined, summary.bytes_down, summary.bytes_up,
+        summary.rounds_trained,
+        summary.updates_rejected,
+        summary.tasks_declined,
+        summary.bytes_down,
+        summary.bytes_up,
     )
     return 0
 

@@ -4,13 +4,14 @@ A probe returns None when the device may train, or a short reason why not ("on b
 The client sends the answer with every PollTask and Heartbeat (DeviceState); the coordinator
 samples only ready clients and its ledger says who was skipped and why.
 """
+
 from __future__ import annotations
 
 import logging
 import shlex
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 _LOGGER = logging.getLogger(__name__)
 

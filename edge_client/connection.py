@@ -5,6 +5,7 @@ with exponential backoff and full jitter; anything else surfaces as `FleetCallEr
 the coordinator's message. Downloads resume from the bytes already on disk; uploads retry
 with the same idempotency key so the coordinator counts them once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -112,8 +114,8 @@ class FleetConnection:
             try:
                 return call()
             except grpc.RpcError as err:
-                code = err.code()  # type: ignore[attr-defined]
-                details = err.details() or ""  # type: ignore[attr-defined]
+                code = err.code()
+                details = err.details() or ""
                 if code not in RETRYABLE or time.monotonic() - started > self.retry.give_up_after_s:
                     raise FleetCallError(code, details) from None
                 delay = self.retry.backoff(attempt, self._rng)
@@ -123,10 +125,15 @@ class FleetConnection:
 
     # --------------------------------------------------------------- calls
     def join(self, enrollment_token: str, profile: fleet_pb2.DeviceProfile, client_id: str = "") -> str:
-        response = self._with_retry("Join", lambda: self._stub.Join(
-            fleet_pb2.JoinRequest(enrollment_token=enrollment_token, profile=profile, requested_client_id=client_id),
-            timeout=self.call_timeout_s,
-        ))
+        response = self._with_retry(
+            "Join",
+            lambda: self._stub.Join(
+                fleet_pb2.JoinRequest(
+                    enrollment_token=enrollment_token, profile=profile, requested_client_id=client_id
+                ),
+                timeout=self.call_timeout_s,
+            ),
+        )
         self.client_id = response.client_id
         self._credential = response.credential
         self.heartbeat_interval_s = max(1.0, response.heartbeat_interval_ms / 1000)
@@ -134,12 +141,16 @@ class FleetConnection:
         return response.client_id
 
     def poll(self, max_wait_s: float = 15.0, held_models: list[str] | None = None) -> fleet_pb2.Task:
-        request = fleet_pb2.PollTaskRequest(max_wait_ms=int(max_wait_s * 1000), state=self._state(),
-                                            held_models=held_models or [])
+        request = fleet_pb2.PollTaskRequest(
+            max_wait_ms=int(max_wait_s * 1000), state=self._state(), held_models=held_models or []
+        )
         try:
-            task = self._with_retry("PollTask", lambda: self._stub.PollTask(
-                request, timeout=max_wait_s + self.call_timeout_s, metadata=self._metadata()
-            ))
+            task = self._with_retry(
+                "PollTask",
+                lambda: self._stub.PollTask(
+                    request, timeout=max_wait_s + self.call_timeout_s, metadata=self._metadata()
+                ),
+            )
         except FleetCallError as err:
             if err.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # a slow coordinator: just ask again
                 return fleet_pb2.Task(wait=fleet_pb2.WaitTask(retry_after_ms=500, reason="poll timed out"))
@@ -152,24 +163,47 @@ class FleetConnection:
         return self.device_state() if self.device_state is not None else fleet_pb2.DeviceState()
 
     def heartbeat(self, busy: bool) -> None:
-        self._with_retry("Heartbeat", lambda: self._stub.Heartbeat(
-            fleet_pb2.HeartbeatRequest(busy=busy, state=self._state()), timeout=self.call_timeout_s,
-            metadata=self._metadata()
-        ))
+        self._with_retry(
+            "Heartbeat",
+            lambda: self._stub.Heartbeat(
+                fleet_pb2.HeartbeatRequest(busy=busy, state=self._state()),
+                timeout=self.call_timeout_s,
+                metadata=self._metadata(),
+            ),
+        )
 
-    def decline(self, task: fleet_pb2.TrainTask, reason: int, detail: str, needed_mb: int = 0,
-                budget_mb: int = 0) -> None:
+    def decline(
+        self,
+        task: fleet_pb2.TrainTask,
+        reason: fleet_pb2.DeclineReason.ValueType,
+        detail: str,
+        needed_mb: int = 0,
+        budget_mb: int = 0,
+    ) -> None:
         """Turns a task down and says why, so the round does not wait for this client."""
-        self._with_retry("DeclineTask", lambda: self._stub.DeclineTask(
-            fleet_pb2.DeclineTaskRequest(round=task.round, task_id=task.task_id, reason=reason, detail=detail,
-                                         needed_memory_mb=needed_mb, memory_budget_mb=budget_mb),
-            timeout=self.call_timeout_s, metadata=self._metadata(),
-        ))
+        self._with_retry(
+            "DeclineTask",
+            lambda: self._stub.DeclineTask(
+                fleet_pb2.DeclineTaskRequest(
+                    round=task.round,
+                    task_id=task.task_id,
+                    reason=reason,
+                    detail=detail,
+                    needed_memory_mb=needed_mb,
+                    memory_budget_mb=budget_mb,
+                ),
+                timeout=self.call_timeout_s,
+                metadata=self._metadata(),
+            ),
+        )
 
     def leave(self, reason: str) -> None:
-        self._with_retry("Leave", lambda: self._stub.Leave(
-            fleet_pb2.LeaveRequest(reason=reason), timeout=self.call_timeout_s, metadata=self._metadata()
-        ))
+        self._with_retry(
+            "Leave",
+            lambda: self._stub.Leave(
+                fleet_pb2.LeaveRequest(reason=reason), timeout=self.call_timeout_s, metadata=self._metadata()
+            ),
+        )
 
     def fetch_artifact(self, ref: fleet_pb2.ArtifactRef, cache_dir: Path) -> Path:
         """The artifact's verified file in `cache_dir`, downloading only what is missing.
@@ -196,11 +230,16 @@ class FleetConnection:
             try:
                 with open(part, "ab") as f:
                     for chunk in self._stub.DownloadArtifact(
-                        fleet_pb2.DownloadRequest(artifact_id=digest, offset=offset, max_chunk_bytes=DEFAULT_CHUNK_BYTES),
-                        timeout=self.call_timeout_s + ref.size_bytes / 50_000, metadata=self._metadata(),
+                        fleet_pb2.DownloadRequest(
+                            artifact_id=digest, offset=offset, max_chunk_bytes=DEFAULT_CHUNK_BYTES
+                        ),
+                        timeout=self.call_timeout_s + ref.size_bytes / 50_000,
+                        metadata=self._metadata(),
                     ):
                         if chunk.offset != offset:
-                            raise FleetCallError(grpc.StatusCode.DATA_LOSS, f"chunk at {chunk.offset}, expected {offset}")
+                            raise FleetCallError(
+                                grpc.StatusCode.DATA_LOSS, f"chunk at {chunk.offset}, expected {offset}"
+                            )
                         f.write(chunk.data)
                         offset += len(chunk.data)
                         self.stats.bytes_down += wire_bytes(chunk.ByteSize())
@@ -211,26 +250,38 @@ class FleetConnection:
                     os.fsync(f.fileno())
                 break
             except grpc.RpcError as err:
-                code = err.code()  # type: ignore[attr-defined]
+                code = err.code()
                 if code not in RETRYABLE or time.monotonic() - started > self.retry.give_up_after_s:
-                    raise FleetCallError(code, err.details() or "") from None  # type: ignore[attr-defined]
+                    raise FleetCallError(code, err.details() or "") from None
                 delay = self.retry.backoff(attempt, self._rng)
-                _LOGGER.warning("download of %s cut at byte %d (%s); resuming in %.2fs", digest[:12], offset,
-                                code.name, delay)
+                _LOGGER.warning(
+                    "download of %s cut at byte %d (%s); resuming in %.2fs", digest[:12], offset, code.name, delay
+                )
                 time.sleep(delay)
                 attempt += 1
         elapsed = time.monotonic() - started
         self.stats.seconds_down += elapsed
         first_s, first_bytes = first or (0.0, 0)
-        self.download_log.append(fleet_pb2.TransferTiming(artifact_id=digest, wire_bytes=received, seconds=elapsed,
-                                                          first_chunk_seconds=first_s, first_chunk_bytes=first_bytes))
+        self.download_log.append(
+            fleet_pb2.TransferTiming(
+                artifact_id=digest,
+                wire_bytes=received,
+                seconds=elapsed,
+                first_chunk_seconds=first_s,
+                first_chunk_bytes=first_bytes,
+            )
+        )
         if _file_sha256(part) != digest:
             part.unlink()
-            raise FleetCallError(grpc.StatusCode.DATA_LOSS, f"artifact {digest[:12]} failed its digest check; discarded")
+            raise FleetCallError(
+                grpc.StatusCode.DATA_LOSS, f"artifact {digest[:12]} failed its digest check; discarded"
+            )
         os.replace(part, final)
         return final
 
-    def upload(self, header: fleet_pb2.UpdateHeader, payload: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> fleet_pb2.UploadAck:
+    def upload(
+        self, header: fleet_pb2.UpdateHeader, payload: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> fleet_pb2.UploadAck:
         """Uploads header + payload chunks; retried uploads keep the header's idempotency key."""
 
         def messages() -> Iterator[fleet_pb2.UploadMessage]:
@@ -240,9 +291,12 @@ class FleetConnection:
                 yield fleet_pb2.UploadMessage(chunk=bytes(view[start : start + chunk_bytes]))
 
         started = time.monotonic()
-        ack = self._with_retry("UploadUpdate", lambda: self._stub.UploadUpdate(
-            messages(), timeout=self.call_timeout_s + len(payload) / 50_000, metadata=self._metadata()
-        ))
+        ack = self._with_retry(
+            "UploadUpdate",
+            lambda: self._stub.UploadUpdate(
+                messages(), timeout=self.call_timeout_s + len(payload) / 50_000, metadata=self._metadata()
+            ),
+        )
         self.stats.seconds_up += time.monotonic() - started
         self.stats.bytes_up += sum(wire_bytes(m.ByteSize()) for m in messages())
         return ack

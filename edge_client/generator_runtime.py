@@ -3,6 +3,7 @@
 The client never trains the generator, so it needs no torch module for it: onnxruntime
 computes latents and only the client's own model carries gradients.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 
 from fedgen.export.compression import decompress_frame, is_zstd_frame
-from fedgen.export.tensor_codecs import CodecError
 from fedgen.export.generator_manifest import MANIFEST_KEY, GeneratorManifest, ManifestError
+from fedgen.export.tensor_codecs import CodecError
 
 #: Largest ONNX generator a compressed artifact may unpack to.
 MAX_GENERATOR_BYTES = 64 * 1024 * 1024
@@ -58,5 +59,8 @@ class OnnxGenerator:
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= self.n_classes):
             raise ValueError(f"labels must be in [0, {self.n_classes})")
-        (out,) = self.session.run([self.manifest.output], {"labels": labels, "eps": np.ascontiguousarray(eps, np.float32)})
+        out: np.ndarray
+        (out,) = self.session.run(
+            [self.manifest.output], {"labels": labels, "eps": np.ascontiguousarray(eps, np.float32)}
+        )
         return out

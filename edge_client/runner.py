@@ -1,4 +1,5 @@
 """The client's life: join, poll, fetch, train, upload; until the coordinator says DONE."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,24 +10,44 @@ import platform
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
 import torch
 
-from fedgen.edge.budget import (MemoryPlan, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
-                                plan_task, release_free_memory, reset_peak_rss, rss_mib)
+from fedgen.core.data import load_shard
+from fedgen.core.transport import client_tls_credentials
+from fedgen.edge.budget import (
+    MemoryPlan,
+    TaskNeeds,
+    available_memory_mib,
+    effective_budget_mib,
+    peak_rss_mib,
+    plan_task,
+    release_free_memory,
+    reset_peak_rss,
+    rss_mib,
+)
 from fedgen.edge.conditions import Probe
 from fedgen.edge.connection import FleetCallError, FleetConnection
 from fedgen.edge.generator_runtime import OnnxGenerator
 from fedgen.edge.trainer import LocalTrainer, TrainPlan, warm_up
-from fedgen.export.codec import (CodecError, Encoding, EncodingError, ErrorFeedback, apply_delta, bundle_from_bytes, bundle_to_bytes,
-                          decode_state, encode_state, sha256_hex, state_delta)
-from fedgen.core.data import load_shard
-from fedgen.core.transport import client_tls_credentials
+from fedgen.export.codec import (
+    CodecError,
+    Encoding,
+    EncodingError,
+    ErrorFeedback,
+    apply_delta,
+    bundle_from_bytes,
+    bundle_to_bytes,
+    decode_state,
+    encode_state,
+    sha256_hex,
+    state_delta,
+)
 from fedgen.v1 import fleet_pb2, tensor_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -97,7 +118,9 @@ def _heartbeats(conn: FleetConnection) -> Iterator[None]:
 def _prune_cache(cache_dir: Path) -> None:
     if not cache_dir.is_dir():
         return
-    files = sorted((p for p in cache_dir.iterdir() if p.is_file() and len(p.name) == 64), key=lambda p: p.stat().st_mtime)
+    files = sorted(
+        (p for p in cache_dir.iterdir() if p.is_file() and len(p.name) == 64), key=lambda p: p.stat().st_mtime
+    )
     for old in files[:-CACHE_KEEP]:
         old.unlink(missing_ok=True)
     for old in _held_states(cache_dir)[HELD_KEEP:]:
@@ -125,8 +148,9 @@ def load_global_model(model_path: Path, artifact_id: str, cache_dir: Path) -> di
         if bundle.base_sha256:
             base = cache_dir / f"{bundle.base_sha256}{STATE_SUFFIX}"
             if not base.is_file():
-                raise CodecError(f"it is a difference against {bundle.base_sha256[:12]}, which this client "
-                                 "no longer holds")
+                raise CodecError(
+                    f"it is a difference against {bundle.base_sha256[:12]}, which this client no longer holds"
+                )
             state = apply_delta(decode_state(bundle_from_bytes(base.read_bytes())), state)
     except CodecError as err:  # the task is declined with this reason (DECLINE_REASON_ARTIFACT)
         raise FleetCallError(grpc.StatusCode.DATA_LOSS, f"model {artifact_id[:12]}: {err}") from None
@@ -155,7 +179,7 @@ def run_client(settings: ClientSettings) -> ClientSummary:
         torch.set_num_interop_threads(1)
     # oneDNN's kernels and caches cost ~20 MB resident and are slower for this small CNN on one
     # thread (measured: 0.047 vs 0.080 s per 20-step round on x86_64), so a device does without.
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # the stubs type the flag as its descriptor
     if not torch.backends.nnpack.is_available():  # e.g. arm64 without /sys: else a warning per convolution
         torch.backends.nnpack.set_flags(False)
     train, test = load_shard(settings.data_path)
@@ -164,23 +188,34 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     warm_up()  # torch's first-pass allocations happen now: what the process holds after is its baseline
     local_test = (test.images, test.labels) if test is not None and len(test) else None
     available = available_memory_mib()
-    device = Device(effective_budget_mib(settings.memory_budget_mb, available, rss_mib()), settings.threads,
-                    settings.readiness)
-    _LOGGER.info("memory: budget %s MiB (declared %d, available %s), process %s MiB now",
-                 _fmt_mib(device.budget_mib), settings.memory_budget_mb, _fmt_mib(available), _fmt_mib(rss_mib()))
+    device = Device(
+        effective_budget_mib(settings.memory_budget_mb, available, rss_mib()), settings.threads, settings.readiness
+    )
+    _LOGGER.info(
+        "memory: budget %s MiB (declared %d, available %s), process %s MiB now",
+        _fmt_mib(device.budget_mib),
+        settings.memory_budget_mb,
+        _fmt_mib(available),
+        _fmt_mib(rss_mib()),
+    )
     tls = settings.use_tls or settings.tls_ca is not None or settings.tls_cert is not None
     conn = FleetConnection(
-        settings.coordinator, call_timeout_s=settings.call_timeout_s, seed=settings.seed,
+        settings.coordinator,
+        call_timeout_s=settings.call_timeout_s,
+        seed=settings.seed,
         credentials=client_tls_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key) if tls else None,
-        tls_server_name=settings.tls_server_name, device_state=device.state,
+        tls_server_name=settings.tls_server_name,
+        device_state=device.state,
     )
     profile = fleet_pb2.DeviceProfile(
         memory_budget_mb=int(device.budget_mib or 0),
         available_memory_mb=int(available or 0),
         supported_encodings=[tensor_pb2.ENCODING_RAW, tensor_pb2.ENCODING_FP16, tensor_pb2.ENCODING_INT8],
-        platform=f"{platform.system().lower()}-{platform.machine()} python{platform.python_version()} torch{torch.__version__}",
+        platform=f"{platform.system().lower()}-{platform.machine()} python{platform.python_version()} "
+        f"torch{torch.__version__}",
         num_examples=len(train),
-        link_down_bps=settings.link_down_bps, link_up_bps=settings.link_up_bps,
+        link_down_bps=settings.link_down_bps,
+        link_up_bps=settings.link_up_bps,
     )
     client_id = conn.join(settings.enrollment_token, profile, settings.client_id)
     cache_dir = settings.cache_dir or Path.home() / ".cache" / "fedgen" / client_id
@@ -199,8 +234,9 @@ def run_client(settings: ClientSettings) -> ClientSummary:
                     refused_in_a_row = 0
                     time.sleep(min(task.wait.retry_after_ms, 5_000) / 1000)
                     continue
-                outcome = _train_and_upload(conn, trainer, task.train, cache_dir, client_id, local_test, device,
-                                            feedback)
+                outcome = _train_and_upload(
+                    conn, trainer, task.train, cache_dir, client_id, local_test, device, feedback
+                )
                 if outcome == "accepted":
                     summary.rounds_trained += 1
                 elif outcome == "declined":
@@ -224,14 +260,17 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     return summary
 
 
-def _generator_for(conn: FleetConnection, task: fleet_pb2.TrainTask, cache_dir: Path,
-                   threads: int) -> OnnxGenerator | None:
+def _generator_for(
+    conn: FleetConnection, task: fleet_pb2.TrainTask, cache_dir: Path, threads: int
+) -> OnnxGenerator | None:
     """The round's ONNX generator when the task asks for the regulariser, else None."""
     if task.config.params.get("regularize", 0.0) <= 0:
         return None
     refs = [a for a in task.extra_artifacts if a.kind == fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX]
     if not refs:
-        raise FleetCallError(grpc.StatusCode.FAILED_PRECONDITION, "task asks for the regulariser but ships no generator")
+        raise FleetCallError(
+            grpc.StatusCode.FAILED_PRECONDITION, "task asks for the regulariser but ships no generator"
+        )
     return OnnxGenerator(_fetch_verified(conn, refs[0], cache_dir), threads=threads)
 
 
@@ -253,16 +292,28 @@ def _fmt_mib(v: float | None) -> str:
 def _memory_plan(task: fleet_pb2.TrainTask, device: Device) -> MemoryPlan:
     cfg = task.config
     regularize = cfg.params.get("regularize", 0.0) > 0
-    generator_bytes = sum(a.size_bytes for a in task.extra_artifacts if a.kind == fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX)
-    needs = TaskNeeds(model_bytes=task.global_model.size_bytes, generator_bytes=generator_bytes if regularize else 0,
-                      batch_size=max(1, cfg.batch_size),
-                      gen_batch_size=int(cfg.params.get("gen_batch_size", 32)) if regularize else 0)
+    generator_bytes = sum(
+        a.size_bytes for a in task.extra_artifacts if a.kind == fleet_pb2.ARTIFACT_KIND_GENERATOR_ONNX
+    )
+    needs = TaskNeeds(
+        model_bytes=task.global_model.size_bytes,
+        generator_bytes=generator_bytes if regularize else 0,
+        batch_size=max(1, cfg.batch_size),
+        gen_batch_size=int(cfg.params.get("gen_batch_size", 32)) if regularize else 0,
+    )
     return plan_task(rss_mib() or 0.0, device.budget_mib, needs)
 
 
-def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_pb2.TrainTask,
-                      cache_dir: Path, client_id: str, local_test: tuple[np.ndarray, np.ndarray] | None,
-                      device: Device, feedback: ErrorFeedback | None = None) -> str:
+def _train_and_upload(
+    conn: FleetConnection,
+    trainer: LocalTrainer,
+    task: fleet_pb2.TrainTask,
+    cache_dir: Path,
+    client_id: str,
+    local_test: tuple[np.ndarray, np.ndarray] | None,
+    device: Device,
+    feedback: ErrorFeedback | None = None,
+) -> str:
     """One task: 'accepted', 'rejected' (the coordinator refused the update) or 'declined'."""
     not_ready = device.readiness() if device.readiness is not None else None
     if not_ready is not None:  # conditions changed since the poll: say so rather than go quiet
@@ -271,8 +322,13 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         return "declined"
     memory = _memory_plan(task, device)
     if not memory.fits:
-        conn.decline(task, fleet_pb2.DECLINE_REASON_MEMORY, memory.reason, math.ceil(memory.needed_mib),
-                     int(memory.budget_mib or 0))
+        conn.decline(
+            task,
+            fleet_pb2.DECLINE_REASON_MEMORY,
+            memory.reason,
+            math.ceil(memory.needed_mib),
+            int(memory.budget_mib or 0),
+        )
         _LOGGER.warning("round %d: declined for memory: %s", task.round, memory.reason)
         return "declined"
     reset_peak_rss()
@@ -290,7 +346,10 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
         return "declined"
     cfg = task.config
     plan = TrainPlan(
-        cfg.local_steps, cfg.batch_size, cfg.learning_rate, cfg.strategy,
+        cfg.local_steps,
+        cfg.batch_size,
+        cfg.learning_rate,
+        cfg.strategy,
         proximal_mu=cfg.params.get("proximal_mu", 0.0),
         generative_alpha=cfg.params.get("generative_alpha", 0.0),
         generative_beta=cfg.params.get("generative_beta", 0.0),
@@ -315,14 +374,23 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
     if device.budget_mib is not None:
         result.metrics["memory_budget_mb"] = round(device.budget_mib, 1)
         if peak is not None and peak > device.budget_mib:
-            _LOGGER.error("round %d: peak RSS %.0f MiB exceeded the %.0f MiB budget (estimated %.0f MiB)",
-                          task.round, peak, device.budget_mib, memory.needed_mib)
+            _LOGGER.error(
+                "round %d: peak RSS %.0f MiB exceeded the %.0f MiB budget (estimated %.0f MiB)",
+                task.round,
+                peak,
+                device.budget_mib,
+                memory.needed_mib,
+            )
     header = fleet_pb2.UpdateHeader(
-        round=task.round, task_id=task.task_id,
+        round=task.round,
+        task_id=task.task_id,
         idempotency_key=f"{client_id}:{task.task_id}:{uuid.uuid5(uuid.NAMESPACE_OID, sha256_hex(payload)).hex[:8]}",
-        num_examples=result.num_examples, label_counts=result.label_counts,
-        payload_bytes=len(payload), payload_sha256=sha256_hex(payload),
-        metrics=result.metrics, train_seconds=result.train_seconds,
+        num_examples=result.num_examples,
+        label_counts=result.label_counts,
+        payload_bytes=len(payload),
+        payload_sha256=sha256_hex(payload),
+        metrics=result.metrics,
+        train_seconds=result.train_seconds,
         downloads=conn.download_log,
     )
     try:
@@ -332,14 +400,24 @@ def _train_and_upload(conn: FleetConnection, trainer: LocalTrainer, task: fleet_
             _LOGGER.warning("round %d: update not accepted: %s", task.round, err)
             return "rejected"
         raise
-    _LOGGER.info("round %d: update accepted%s (loss %.4f, %d steps, %.2fs)", ack.round,
-                 " (duplicate)" if ack.duplicate else "", result.metrics["loss"], plan.local_steps,
-                 result.train_seconds)
+    _LOGGER.info(
+        "round %d: update accepted%s (loss %.4f, %d steps, %.2fs)",
+        ack.round,
+        " (duplicate)" if ack.duplicate else "",
+        result.metrics["loss"],
+        plan.local_steps,
+        result.train_seconds,
+    )
     return "accepted"
 
 
-def _encode_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], task: fleet_pb2.TrainTask,
-                   feedback: ErrorFeedback, buffer_names: frozenset[str] = frozenset()) -> bytes:
+def _encode_update(
+    trained: dict[str, np.ndarray],
+    received: dict[str, np.ndarray],
+    task: fleet_pb2.TrainTask,
+    feedback: ErrorFeedback,
+    buffer_names: frozenset[str] = frozenset(),
+) -> bytes:
     """The update in the encoding the coordinator asked for.
 
     ``fp32`` is the whole trained state, exact. Anything else is the difference against the
@@ -356,8 +434,11 @@ def _encode_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarra
     if encoding == Encoding():
         return bundle_to_bytes(encode_state(trained, encoding))
     try:
-        return bundle_to_bytes(feedback.encode(state_delta(trained, received), encoding.plain(),
-                                               task.global_model.artifact_id, exact=buffer_names))
+        return bundle_to_bytes(
+            feedback.encode(
+                state_delta(trained, received), encoding.plain(), task.global_model.artifact_id, exact=buffer_names
+            )
+        )
     except (CodecError, EncodingError) as err:  # e.g. a diverged model with non-finite values, or int4
         _LOGGER.warning("round %d: cannot encode the update as %s (%s); sending fp32", task.round, encoding, err)
         return bundle_to_bytes(encode_state(trained, Encoding()))

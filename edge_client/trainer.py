@@ -1,7 +1,9 @@
 """Local training on the device's own data (pure PyTorch, no transport)."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,8 +72,14 @@ class BatchStream:
 
 
 class LocalTrainer:
-    def __init__(self, images: np.ndarray, labels: np.ndarray, n_classes: int = 10, seed: int = 0,
-                 model_config: ClassifierConfig = ClassifierConfig()) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        n_classes: int = 10,
+        seed: int = 0,
+        model_config: ClassifierConfig = ClassifierConfig(),
+    ) -> None:
         """images: raw uint8 [N,28,28] (kept as bytes, normalised a batch at a time: 4x less memory
         than float32) or already normalised float32 [N,1,28,28]; labels: int64 [N]."""
         if len(images) != len(labels) or len(labels) == 0:
@@ -93,8 +101,9 @@ class LocalTrainer:
         eps = generator.sample_noise(len(labels), self.rng)
         return torch.from_numpy(generator.latents(labels, eps))
 
-    def _latent_loss(self, generator: LatentGenerator, plan: TrainPlan, x_logits: torch.Tensor,
-                     y: torch.Tensor) -> torch.Tensor:
+    def _latent_loss(
+        self, generator: LatentGenerator, plan: TrainPlan, x_logits: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """FedGen's latent loss (official userpFedGen.train): the model's predictions on the real batch
         pulled towards its own head's predictions on generated latents for the same labels;
         KL(softmax(head(G(y))) || p_model(x)), scaled by beta."""
@@ -122,8 +131,9 @@ class LocalTrainer:
             correct += int((logits.argmax(1) == torch.from_numpy(labels[start : start + 512])).sum())
         return correct, len(labels)
 
-    def train(self, global_state: dict[str, np.ndarray], plan: TrainPlan,
-              generator: LatentGenerator | None = None) -> TrainResult:
+    def train(
+        self, global_state: dict[str, np.ndarray], plan: TrainPlan, generator: LatentGenerator | None = None
+    ) -> TrainResult:
         started = time.monotonic()
         load_numpy_state(self.model, global_state)
         model = self.model
@@ -160,7 +170,7 @@ class LocalTrainer:
                 extra = extra + teacher
                 reg_sum += float(teacher.detach())
             if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=False))
                 extra = extra + 0.5 * plan.proximal_mu * prox
             if extra.requires_grad:
                 extra.backward()
@@ -172,8 +182,12 @@ class LocalTrainer:
             state=state_to_numpy(model),
             num_examples=len(self.labels),
             label_counts=counts.tolist(),
-            metrics={"loss": loss_sum / seen, "accuracy": correct / seen, "steps": float(plan.local_steps),
-                     "regulariser": reg_sum / plan.local_steps},
+            metrics={
+                "loss": loss_sum / seen,
+                "accuracy": correct / seen,
+                "steps": float(plan.local_steps),
+                "regulariser": reg_sum / plan.local_steps,
+            },
             train_seconds=time.monotonic() - started,
         )
 
@@ -186,7 +200,7 @@ def _as_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _sgd_step(params: list[torch.Tensor], lr: float) -> None:
+def _sgd_step(params: Sequence[torch.Tensor], lr: float) -> None:
     """Plain SGD, p -= lr * grad (FedGen's official client optimizer: no momentum, no decay).
     Written out because constructing torch.optim.SGD imports ~800 modules (~70 MB resident)."""
     for p in params:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 #: A model's (or an update's) tensors by state-dict key, in order.
-State = dict[str, npt.NDArray[np.generic]]
+State = dict[str, npt.NDArray[Any]]
 #: Default cap on the number of elements of one decoded tensor.
 DEFAULT_MAX_ELEMENTS = 50_000_000
 #: The six dense encodings, in a stable order: fp32, fp16, int8, then each with zstd.
@@ -95,13 +96,23 @@ def encode_array(name: str, array: npt.ArrayLike, encoding: Encoding) -> tensor_
         if len(packed) < len(payload):  # int8 codes and tiny tensors often do not compress
             payload, compression = packed, tensor_pb2.COMPRESSION_ZSTD
     return tensor_pb2.Tensor(
-        name=name, shape=[int(d) for d in values.shape], dtype=dtype, encoding=codec.wire,
-        compression=compression, data=payload, scales=encoded.scales, zero_points=encoded.zero_points,
+        name=name,
+        shape=[int(d) for d in values.shape],
+        dtype=tensor_pb2.DType.ValueType(dtype),
+        encoding=tensor_pb2.Encoding.ValueType(codec.wire),
+        compression=compression,
+        data=payload,
+        scales=encoded.scales,
+        zero_points=encoded.zero_points,
     )
 
 
-def encode_state(state: Mapping[str, npt.ArrayLike], encoding: Encoding, base_sha256: str = "",
-                 overrides: Mapping[str, Encoding] | None = None) -> tensor_pb2.TensorBundle:
+def encode_state(
+    state: Mapping[str, npt.ArrayLike],
+    encoding: Encoding,
+    base_sha256: str = "",
+    overrides: Mapping[str, Encoding] | None = None,
+) -> tensor_pb2.TensorBundle:
     """Encode a state dict (name -> array) into a ``TensorBundle``, keeping its order.
 
     With ``base_sha256`` the arrays are differences against that artifact (see ``apply_delta``);
@@ -114,7 +125,7 @@ def encode_state(state: Mapping[str, npt.ArrayLike], encoding: Encoding, base_sh
     return bundle
 
 
-def decode_array(t: tensor_pb2.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> npt.NDArray[np.generic]:
+def decode_array(t: tensor_pb2.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> npt.NDArray[Any]:
     """Decode and validate one ``Tensor``; returns a writable array of its logical dtype.
 
     Float32 tensors come back as float32 whatever their encoding, float16 as float16, integers
@@ -129,8 +140,10 @@ def decode_array(t: tensor_pb2.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS)
     if t.compression not in _COMPRESSIONS:
         raise CodecError(f"{label}: unsupported compression {enum_name(tensor_pb2.Compression, t.compression)}")
     if codec.wire != tensor_pb2.ENCODING_RAW and t.dtype not in FLOAT_DTYPES:
-        raise CodecError(f"{label}: encoding {enum_name(tensor_pb2.Encoding, t.encoding)} "
-                         f"is only valid for float dtypes, not {dtype_label(t.dtype)}")
+        raise CodecError(
+            f"{label}: encoding {enum_name(tensor_pb2.Encoding, t.encoding)} "
+            f"is only valid for float dtypes, not {dtype_label(t.dtype)}"
+        )
     shape = tuple(int(d) for d in t.shape)
     for axis, dim in enumerate(shape):
         if dim < 0:
@@ -146,8 +159,9 @@ def decode_array(t: tensor_pb2.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS)
     if t.compression == tensor_pb2.COMPRESSION_ZSTD:
         payload = decompress_frame(payload, size, label=label, exact=codec.fixed_size)
     elif codec.fixed_size and len(payload) != size:
-        raise CodecError(f"{label}: data has {len(payload)} bytes, expected {size} for shape {list(shape)} "
-                         f"{codec.describe(t.dtype)}")
+        raise CodecError(
+            f"{label}: data has {len(payload)} bytes, expected {size} for shape {list(shape)} {codec.describe(t.dtype)}"
+        )
     return codec.decode(t, label, payload, shape)
 
 
@@ -183,7 +197,7 @@ def sha256_hex(data: bytes) -> str:
 # ------------------------------------------------------------------------ differences
 
 
-def apply_delta(base: Mapping[str, npt.NDArray[np.generic]], delta: Mapping[str, npt.NDArray[np.generic]]) -> State:
+def apply_delta(base: Mapping[str, npt.NDArray[Any]], delta: Mapping[str, npt.NDArray[Any]]) -> State:
     """``base + delta`` tensor by tensor, in the base's dtypes; the keys and shapes must match."""
     if list(base) != list(delta):
         missing = sorted(set(base) - set(delta))
@@ -198,7 +212,7 @@ def apply_delta(base: Mapping[str, npt.NDArray[np.generic]], delta: Mapping[str,
     return out
 
 
-def state_delta(state: Mapping[str, npt.NDArray[np.generic]], base: Mapping[str, npt.NDArray[np.generic]]) -> State:
+def state_delta(state: Mapping[str, npt.NDArray[Any]], base: Mapping[str, npt.NDArray[Any]]) -> State:
     """``state - base`` tensor by tensor (integers exactly); the inverse of ``apply_delta``."""
     return {k: np.asarray(np.asarray(v) - np.asarray(base[k]).astype(np.asarray(v).dtype)) for k, v in state.items()}
 
@@ -214,8 +228,13 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residual: State = {}
 
-    def encode(self, delta: Mapping[str, npt.NDArray[np.generic]], encoding: Encoding, base_sha256: str,
-               exact: Collection[str] = ()) -> tensor_pb2.TensorBundle:
+    def encode(
+        self,
+        delta: Mapping[str, npt.NDArray[Any]],
+        encoding: Encoding,
+        base_sha256: str,
+        exact: Collection[str] = (),
+    ) -> tensor_pb2.TensorBundle:
         """``exact`` names tensors sent as fp32 differences with no memory: statistics such as
         BatchNorm's running mean and variance, which are states rather than accumulating updates
         (a held-back difference sent again later would overshoot them)."""
@@ -228,8 +247,9 @@ class ErrorFeedback:
             target[key] = value
         bundle = encode_state(target, encoding, base_sha256, overrides=dict.fromkeys(exact, Encoding()))
         sent = decode_state(bundle)
-        self.residual = {k: (v - sent[k]).astype(np.float32) for k, v in target.items()
-                         if v.dtype.kind == "f" and k not in exact}
+        self.residual = {
+            k: (v - sent[k]).astype(np.float32) for k, v in target.items() if v.dtype.kind == "f" and k not in exact
+        }
         return bundle
 
 

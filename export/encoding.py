@@ -22,8 +22,10 @@ ONNX_WEIGHT_CODECS = ("fp32", "fp16", "int8", "int4")
 _PLAIN_CODECS = ("fp32", "fp16", "int8", "int4")
 _ALIASES = {"raw": "fp32"}
 _TOPK = "topk"
-_VALID = ("fp32, raw, fp16, int8, topk<percent> (e.g. topk10), int4 (ONNX weights only), each with an "
-          "optional +zstd; delta- before a model encoding")
+_VALID = (
+    "fp32, raw, fp16, int8, topk<percent> (e.g. topk10), int4 (ONNX weights only), each with an "
+    "optional +zstd; delta- before a model encoding"
+)
 
 
 class EncodingError(ValueError):
@@ -93,7 +95,7 @@ def _topk_percent(codec: str) -> float | None:
     if not codec.startswith(_TOPK):
         return None
     try:
-        percent = float(codec[len(_TOPK):])
+        percent = float(codec[len(_TOPK) :])
     except ValueError:
         return None
     return percent if math.isfinite(percent) and 0.0 < percent <= 100.0 else None

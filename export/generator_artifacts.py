@@ -58,8 +58,9 @@ def _quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     if not int4_available():
-        raise ArtifactEncodingError("4-bit generator weights need onnxruntime's MatMulNBitsQuantizer and onnx-ir "
-                                    "(pip install onnx-ir)")
+        raise ArtifactEncodingError(
+            "4-bit generator weights need onnxruntime's MatMulNBitsQuantizer and onnx-ir (pip install onnx-ir)"
+        )
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(model, block_size=INT4_BLOCK_SIZE, is_symmetric=True)
@@ -76,7 +77,9 @@ def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 _QUANTISERS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
-    "fp16": _to_fp16, "int8": _quantize_int8, "int4": _quantize_int4,
+    "fp16": _to_fp16,
+    "int8": _quantize_int8,
+    "int4": _quantize_int4,
 }
 
 
@@ -88,8 +91,10 @@ def available_generator_encodings(compressed: bool = True) -> tuple[Encoding, ..
 def generator_variant(fp32_onnx: bytes, encoding: Encoding) -> bytes:
     """The fp32 export re-encoded: fp32, fp16, int8 or int4 weights, optionally in a zstd frame."""
     if encoding.codec not in ONNX_WEIGHT_CODECS or encoding.delta:
-        raise ArtifactEncodingError(f"{encoding.name!r} is not a generator encoding; valid: "
-                                    f"{', '.join(ONNX_WEIGHT_CODECS)}, each with an optional +zstd")
+        raise ArtifactEncodingError(
+            f"{encoding.name!r} is not a generator encoding; valid: "
+            f"{', '.join(ONNX_WEIGHT_CODECS)}, each with an optional +zstd"
+        )
     data = fp32_onnx
     if encoding.codec != "fp32":
         model = onnx.load_from_string(fp32_onnx)

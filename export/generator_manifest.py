@@ -1,4 +1,5 @@
 """What an ONNX generator artifact says about itself (client-safe: no torch, no onnx)."""
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,19 @@ class GeneratorManifest:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, text: str | None) -> "GeneratorManifest":
+    def from_json(cls, text: str | None) -> GeneratorManifest:
         if not text:
             raise ManifestError(f"ONNX artifact has no '{MANIFEST_KEY}' metadata")
         try:
             raw = json.loads(text)
-            manifest = cls(config=dict(raw["config"]), opset=int(raw["opset"]), encoding=str(raw.get("encoding", "fp32")),
-                           inputs=tuple(raw.get("inputs", INPUTS)), output=str(raw.get("output", OUTPUT)),
-                           extra=dict(raw.get("extra", {})))
+            manifest = cls(
+                config=dict(raw["config"]),
+                opset=int(raw["opset"]),
+                encoding=str(raw.get("encoding", "fp32")),
+                inputs=tuple(raw.get("inputs", INPUTS)),
+                output=str(raw.get("output", OUTPUT)),
+                extra=dict(raw.get("extra", {})),
+            )
         except (ValueError, KeyError, TypeError) as err:
             raise ManifestError(f"generator manifest is malformed: {err}") from None
         for key in ("n_classes", "noise_dim", "latent_dim", "noise"):

@@ -3,13 +3,14 @@
 The manifest (generator config, opset, input/output names, encoding) travels inside the ONNX
 file as metadata_props, so the artifact is self-describing; its sha256 is the artifact id.
 """
+
 from __future__ import annotations
 
 import copy
 import io
 import json
 import warnings
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import onnx
 import torch
@@ -21,6 +22,15 @@ from fedgen.export.generator_manifest import MANIFEST_KEY, GeneratorManifest
 OPSET = 17
 
 
+class FoldableGenerator(Protocol):
+    """What the export needs of a generator: Linear -> BatchNorm1d -> ReLU -> Linear on [noise, onehot]."""
+
+    onehot: torch.Tensor
+    fc: nn.Linear
+    bn: nn.BatchNorm1d
+    out: nn.Linear
+
+
 class _InferenceGenerator(nn.Module):
     """The generator's eval-mode function in the form the exporter and quantisers like best.
 
@@ -29,9 +39,11 @@ class _InferenceGenerator(nn.Module):
     one op fewer, and MatMul is what onnxruntime's int8 and 4-bit weight quantisers handle.
     """
 
-    def __init__(self, generator: nn.Module) -> None:
+    onehot: torch.Tensor
+
+    def __init__(self, g: FoldableGenerator) -> None:
         super().__init__()
-        g = generator
+        assert g.bn.running_var is not None and g.bn.running_mean is not None  # eval-mode statistics exist
         with torch.no_grad():
             scale = g.bn.weight / torch.sqrt(g.bn.running_var + g.bn.eps)
             self.register_buffer("onehot", g.onehot.detach().clone().float())
@@ -42,7 +54,8 @@ class _InferenceGenerator(nn.Module):
 
     def forward(self, labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         x = torch.cat([eps, self.onehot[labels]], dim=1)
-        return torch.matmul(F.relu(torch.matmul(x, self.w1) + self.b1), self.w2) + self.b2
+        latent: torch.Tensor = torch.matmul(F.relu(torch.matmul(x, self.w1) + self.b1), self.w2) + self.b2
+        return latent
 
 
 def set_manifest(model: onnx.ModelProto, manifest: GeneratorManifest) -> None:
@@ -50,11 +63,20 @@ def set_manifest(model: onnx.ModelProto, manifest: GeneratorManifest) -> None:
     keep = [p for p in model.metadata_props if p.key != MANIFEST_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in keep},
-                                        MANIFEST_KEY: json.dumps(manifest.to_dict(), sort_keys=True)})
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in keep}, MANIFEST_KEY: json.dumps(manifest.to_dict(), sort_keys=True)}
+    )
 
 
-def export_generator_onnx(generator: torch.nn.Module, config: dict[str, Any]) -> bytes:
+class _GeneratorModule(FoldableGenerator, Protocol):
+    def parameters(self) -> Any: ...
+    def buffers(self) -> Any: ...
+
+
+G = TypeVar("G", bound=_GeneratorModule)
+
+
+def export_generator_onnx(generator: _GeneratorModule, config: dict[str, Any]) -> bytes:
     """Eval-mode export (BatchNorm running statistics frozen and folded) with a dynamic batch axis."""
     # A CPU copy: the coordinator's generator (maybe on CUDA, with Adam moments beside it) stays
     # where it trains and in the mode it was in.
@@ -65,9 +87,15 @@ def export_generator_onnx(generator: torch.nn.Module, config: dict[str, Any]) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (labels, eps), buffer, input_names=["labels", "eps"], output_names=["latent"],
+            module,
+            (labels, eps),
+            buffer,  # type: ignore[arg-type]  # the exporter writes to any binary file object
+            input_names=["labels", "eps"],
+            output_names=["latent"],
             dynamic_axes={"labels": {0: "batch"}, "eps": {0: "batch"}, "latent": {0: "batch"}},
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
         )
     model = onnx.load_from_string(buffer.getvalue())
     set_manifest(model, GeneratorManifest(config=dict(config), opset=OPSET, encoding="fp32"))
@@ -75,8 +103,9 @@ def export_generator_onnx(generator: torch.nn.Module, config: dict[str, Any]) ->
     return model.SerializeToString()
 
 
-def _cpu_view(generator: nn.Module) -> nn.Module:
+def _cpu_view(generator: G) -> G:
     """The generator's parameters and buffers on the CPU without moving the original."""
     if all(t.device.type == "cpu" for t in [*generator.parameters(), *generator.buffers()]):
         return generator
-    return copy.deepcopy(generator).to("cpu")
+    moved: G = copy.deepcopy(generator).to("cpu")  # type: ignore[attr-defined]  # an nn.Module
+    return moved

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +50,7 @@ __all__ = [
     "topk_count",
 ]
 
-Array = npt.NDArray[np.generic]
+Array = npt.NDArray[Any]
 FloatArray = npt.NDArray[np.float32]
 
 _FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -89,11 +89,8 @@ _DTYPE_OF_KIND: dict[tuple[str, int], int] = {
 FLOAT_DTYPES = frozenset({tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16})
 
 
-class _ProtoEnum(Protocol):
-    def Name(self, number: int) -> str: ...  # noqa: N802 (protobuf's name)
-
-
-def enum_name(enum: _ProtoEnum, value: int) -> str:
+def enum_name(enum: Any, value: int) -> str:
+    """``ENCODING_FP16 (2)``, or ``unknown value 9`` for a number the enum (a protobuf enum type) lacks."""
     try:
         return f"{enum.Name(value)} ({value})"
     except ValueError:
@@ -239,7 +236,8 @@ class Fp16Codec(TensorCodec):
             if overflow.any():
                 worst = float(np.max(np.abs(np.asarray(array, dtype=np.float32)[overflow])))
                 raise CodecError(
-                    f"tensor {name!r}: value magnitude {worst:g} overflows float16 (max {_FP16_MAX:g}); use fp32 or int8"
+                    f"tensor {name!r}: value magnitude {worst:g} overflows float16 "
+                    f"(max {_FP16_MAX:g}); use fp32 or int8"
                 )
         return Encoded(half.tobytes())
 
@@ -350,8 +348,10 @@ class TopKCodec(TensorCodec):
 
     def check_params(self, t: tensor_pb2.Tensor, label: str, shape: tuple[int, ...]) -> None:
         if len(t.scales) != 1 or len(t.zero_points) != 1:
-            raise CodecError(f"{label}: top-k needs 1 scale and 1 zero_point, "
-                             f"got {len(t.scales)} scales and {len(t.zero_points)} zero_points")
+            raise CodecError(
+                f"{label}: top-k needs 1 scale and 1 zero_point, "
+                f"got {len(t.scales)} scales and {len(t.zero_points)} zero_points"
+            )
         scale, zero_point = float(t.scales[0]), float(t.zero_points[0])
         if not (math.isfinite(scale) and scale > 0 and math.isfinite(zero_point)):
             raise CodecError(f"{label}: top-k scale must be finite and positive, zero_point finite")
@@ -368,8 +368,10 @@ class TopKCodec(TensorCodec):
         keep = bits[:count].astype(bool)
         kept = int(keep.sum())
         if len(payload) != bitmap_bytes + kept:
-            raise CodecError(f"{label}: top-k data has {len(payload) - bitmap_bytes} value bytes, "
-                             f"the bitmap marks {kept} kept elements")
+            raise CodecError(
+                f"{label}: top-k data has {len(payload) - bitmap_bytes} value bytes, "
+                f"the bitmap marks {kept} kept elements"
+            )
         values = np.zeros(count, dtype=np.float32)
         q = np.frombuffer(payload[bitmap_bytes:], dtype=np.int8).astype(np.float32)
         values[keep] = (q - np.float32(t.zero_points[0])) * np.float32(t.scales[0])

@@ -4,16 +4,18 @@ numpy only (no torch), so an edge client can read its shard without the coordina
 The partition and local test split follow FedGen's `data/Mnist/generate_niid_dirichlet.py`
 (see FEDGEN_FACTS.md section 6); every deliberate difference is named where it happens.
 """
+
 from __future__ import annotations
 
 import gzip
 import logging
-import zlib
+import operator
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -217,8 +219,13 @@ def dirichlet_partition(
     client is still eligible (the official code divides by zero there).
     """
     labels = _check_label_vector(labels, "labels")
-    if not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
-        raise ValueError(f"n_clients must be an integer >= 1, got {n_clients!r}")
+    given = n_clients
+    try:
+        n_clients = operator.index(n_clients)  # ints and numpy integers, not floats
+    except TypeError:
+        n_clients = 0
+    if n_clients < 1:
+        raise ValueError(f"n_clients must be an integer >= 1, got {given!r}")
     if not alpha > 0 or not np.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if samples_per_class is not None and samples_per_class < 1:
@@ -238,9 +245,7 @@ def dirichlet_partition(
         max_per_client = float(samples_per_class) if samples_per_class is not None else len(labels) / n_clients
     threshold = max(float(max_per_client), total / n_clients)
     if total < n_clients * min_samples:
-        raise DataError(
-            f"cannot give {n_clients} clients >= {min_samples} samples each from {total} samples"
-        )
+        raise DataError(f"cannot give {n_clients} clients >= {min_samples} samples each from {total} samples")
 
     for attempt in range(1, max_tries + 1):
         parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
@@ -262,7 +267,11 @@ def dirichlet_partition(
         if held.min() >= min_samples:
             _LOGGER.debug(
                 "dirichlet_partition: %d clients, alpha=%g, seed=%d: %d samples after %d tries",
-                n_clients, alpha, seed, total, attempt,
+                n_clients,
+                alpha,
+                seed,
+                total,
+                attempt,
             )
             return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
     raise DataError(
@@ -309,7 +318,7 @@ def label_restricted_test_split(
     for c in np.unique(test_labels):
         ix = np.flatnonzero(test_labels == c)
         by_label[int(c)] = ix if rng is None else rng.permutation(ix)
-    offset = {c: 0 for c in by_label}
+    offset = dict.fromkeys(by_label, 0)
     out: list[np.ndarray] = []
     for labels_k in train_label_sets:
         present = _label_set(labels_k)
@@ -349,7 +358,7 @@ def describe_histogram(hist: np.ndarray) -> str:
 def save_shard(path: Path, train: Dataset, test: Dataset | None = None) -> None:
     """Write one client's data as a compressed .npz, atomically, so a reader never sees half a file."""
     path = Path(path)
-    arrays = {"train_images": train.images, "train_labels": train.labels}
+    arrays: dict[str, Any] = {"train_images": train.images, "train_labels": train.labels}
     if test is not None:
         arrays.update(test_images=test.images, test_labels=test.labels)
     with atomic_file(path) as f:

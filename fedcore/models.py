@@ -4,6 +4,7 @@
 `h`, so only the head sees generated samples (official code: latent_layer_idx=-1).
 State-dict keys are the wire names of the tensors, so they are part of the contract.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -53,7 +54,8 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for images x [B,C,H,W]."""
-        return self.head(self.body(x))
+        logits: torch.Tensor = self.head(self.body(x))
+        return logits
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:

@@ -2,10 +2,11 @@
 
 One place so the coordinator and the edge client can never disagree about limits.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 
@@ -28,7 +29,7 @@ def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
     return ((AUTH_METADATA_KEY, f"Bearer {secret}"),)
 
 
-def bearer_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The bearer secret in call metadata, or None when absent or malformed."""
     for key, value in metadata or ():
         if key == AUTH_METADATA_KEY and isinstance(value, str) and value.startswith("Bearer "):
@@ -53,7 +54,8 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
-    return channel_options(max_message_bytes) + [
+    return [
+        *channel_options(max_message_bytes),
         # Accept the clients' 30 s keepalive pings instead of answering GOAWAY(too_many_pings).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
@@ -69,8 +71,9 @@ def _read_pem(path: str | Path | None, what: str) -> bytes | None:
         raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
 
 
-def client_tls_credentials(ca_file: str | Path | None, cert_file: str | Path | None = None,
-                           key_file: str | Path | None = None) -> grpc.ChannelCredentials:
+def client_tls_credentials(
+    ca_file: str | Path | None, cert_file: str | Path | None = None, key_file: str | Path | None = None
+) -> grpc.ChannelCredentials:
     """TLS credentials for a channel: the CA that signed the server (None = system roots), and a
     client certificate and key for mutual TLS."""
     if (cert_file is None) != (key_file is None):
@@ -82,12 +85,14 @@ def client_tls_credentials(ca_file: str | Path | None, cert_file: str | Path | N
     )
 
 
-def server_tls_credentials(cert_file: str | Path, key_file: str | Path,
-                           client_ca_file: str | Path | None = None) -> grpc.ServerCredentials:
+def server_tls_credentials(
+    cert_file: str | Path, key_file: str | Path, client_ca_file: str | Path | None = None
+) -> grpc.ServerCredentials:
     """TLS for the server; with `client_ca_file`, clients must present a certificate it signed."""
     cert = _read_pem(cert_file, "server certificate")
     key = _read_pem(key_file, "server key")
     client_ca = _read_pem(client_ca_file, "client CA bundle")
     assert cert is not None and key is not None
-    return grpc.ssl_server_credentials(((key, cert),), root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )

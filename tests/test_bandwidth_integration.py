@@ -3,6 +3,7 @@
 A coordinator process and edge-client processes on real MNIST. Clients reach the coordinator
 through ``tools.netem`` proxies: real TCP connections that are shaped, counted or cut.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,17 +22,26 @@ TOKEN = "bandwidth-enrollment-token"
 
 
 def _config(work: Path, mnist_dir: Path, strategy: str, rounds: int, clients: int, **bandwidth: object):
-    return parse_config({
-        "state_dir": str(work / "state"),
-        "server": {"address": "127.0.0.1:0"},
-        "federation": {"strategy": strategy, "rounds": rounds, "clients_per_round": clients, "min_clients": clients,
-                       "min_completed": clients, "round_timeout_s": 60, "seed": 5},
-        "training": {"local_steps": 10, "learning_rate": 0.05},
-        "fedgen": {"generator_steps": 5},
-        "data": {"test_data_dir": str(mnist_dir)},
-        "auth": {"enrollment_tokens": [TOKEN]},
-        "bandwidth": bandwidth,
-    })
+    return parse_config(
+        {
+            "state_dir": str(work / "state"),
+            "server": {"address": "127.0.0.1:0"},
+            "federation": {
+                "strategy": strategy,
+                "rounds": rounds,
+                "clients_per_round": clients,
+                "min_clients": clients,
+                "min_completed": clients,
+                "round_timeout_s": 60,
+                "seed": 5,
+            },
+            "training": {"local_steps": 10, "learning_rate": 0.05},
+            "fedgen": {"generator_steps": 5},
+            "data": {"test_data_dir": str(mnist_dir)},
+            "auth": {"enrollment_tokens": [TOKEN]},
+            "bandwidth": bandwidth,
+        }
+    )
 
 
 def _shards(mnist_dir: Path, work: Path, n: int) -> list[Path]:
@@ -55,8 +65,9 @@ def test_adaptive_policy_gives_a_slow_link_compact_encodings(mnist_dir: Path, tm
     feedback), the fast one the exact ones, and every update must still count."""
     shards = _shards(mnist_dir, tmp_path, 2)
     config = _config(tmp_path, mnist_dir, "fedgen", rounds=3, clients=2, policy="adaptive", transfer_budget_s=2.0)
-    with LocalFederation(config, shards, tmp_path, per_client_args={0: ["--link-down-mbps", "0.4",
-                                                                          "--link-up-mbps", "0.4"]}) as fed:
+    with LocalFederation(
+        config, shards, tmp_path, per_client_args={0: ["--link-down-mbps", "0.4", "--link-up-mbps", "0.4"]}
+    ) as fed:
         port = fed.start_coordinator()
         with TcpProxy(("127.0.0.1", port), down=Shape(0.4e6, 0.02), up=Shape(0.4e6, 0.02)) as slow:
             fed.per_client_address[0] = slow.address
@@ -128,8 +139,16 @@ def test_the_global_model_travels_as_a_delta_against_the_one_a_client_holds(mnis
     """Round 0 nobody holds a model: int8+zstd. From round 1 each client says which model it holds
     and gets the difference against it (its exactness is tests/test_transfers.py's)."""
     shards = _shards(mnist_dir, tmp_path, 2)
-    config = _config(tmp_path, mnist_dir, "fedavg", rounds=3, clients=2, policy="fixed",
-                     model_encoding="delta-int8+zstd", upload_encoding="int8+zstd")
+    config = _config(
+        tmp_path,
+        mnist_dir,
+        "fedavg",
+        rounds=3,
+        clients=2,
+        policy="fixed",
+        model_encoding="delta-int8+zstd",
+        upload_encoding="int8+zstd",
+    )
     with LocalFederation(config, shards, tmp_path) as fed:
         fed.start_coordinator()
         rows = _run(fed)

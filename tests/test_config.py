@@ -47,11 +47,16 @@ def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.integration
 def test_serve_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[federation]\nclients_per_round = -4\n")
-    proc = subprocess.run([sys.executable, "-m", "fedgen.coordinator", "serve", "--config", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedgen.coordinator", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "federation.clients_per_round" in proc.stderr
 
@@ -74,8 +79,9 @@ def test_published_tokens_are_refused_beyond_loopback(address: str) -> None:
     assert own.server.address == address
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:50051", "127.8.0.1:1", "[::1]:50051", "localhost:50051",
-                                     "unix:/run/fedgen.sock"])
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:50051", "127.8.0.1:1", "[::1]:50051", "localhost:50051", "unix:/run/fedgen.sock"]
+)
 def test_published_tokens_are_fine_on_loopback(address: str) -> None:
     assert parse_config({"server": {"address": address}}).server.address == address
 

@@ -4,6 +4,7 @@ Real processes, killed for real: the coordinator is a child process that gets SI
 middle of a round (and, in the second test, in the middle of an upload), then starts again on
 the same state directory and port. The clients are never told: they reconnect by themselves.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,9 @@ import pytest
 
 from fedgen.coordinator.config import parse_config
 from fedgen.coordinator.local import LocalFederation, write_shards
-from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.core.data import load_idx_dataset
 from fedgen.core.transport import bearer_metadata, channel_options
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -36,14 +37,16 @@ def _free_port() -> int:
 
 
 def _config(state_dir: Path, port: int, mnist_dir: Path, **federation: object) -> object:
-    return parse_config({
-        "state_dir": str(state_dir),
-        "server": {"address": f"127.0.0.1:{port}"},
-        "federation": {"strategy": "fedavg", "seed": 7, **federation},
-        "training": {"local_steps": 20, "learning_rate": 0.05},
-        "data": {"test_data_dir": str(mnist_dir)},
-        "auth": {"enrollment_tokens": [TOKEN]},
-    })
+    return parse_config(
+        {
+            "state_dir": str(state_dir),
+            "server": {"address": f"127.0.0.1:{port}"},
+            "federation": {"strategy": "fedavg", "seed": 7, **federation},
+            "training": {"local_steps": 20, "learning_rate": 0.05},
+            "data": {"test_data_dir": str(mnist_dir)},
+            "auth": {"enrollment_tokens": [TOKEN]},
+        }
+    )
 
 
 def _read_ledger(state_dir: Path) -> list[dict]:
@@ -55,8 +58,16 @@ def test_sigkill_mid_round_resumes_the_same_federation(mnist_dir: Path, tmp_path
     train = load_idx_dataset(mnist_dir, "train")
     shards, _ = write_shards(train, tmp_path / "shards", n_clients=3, alpha=1.0, seed=4, samples_per_class=200)
     state = tmp_path / "state"
-    config = _config(state, _free_port(), mnist_dir, rounds=4, clients_per_round=3, min_clients=3,
-                     min_completed=3, round_timeout_s=120)
+    config = _config(
+        state,
+        _free_port(),
+        mnist_dir,
+        rounds=4,
+        clients_per_round=3,
+        min_clients=3,
+        min_completed=3,
+        round_timeout_s=120,
+    )
     with LocalFederation(config, shards, tmp_path, client_log_level="INFO") as fed:
         fed.start_coordinator()
         fed.start_clients(TOKEN)
@@ -92,21 +103,33 @@ def test_sigkill_mid_round_resumes_the_same_federation(mnist_dir: Path, tmp_path
     assert recovered >= len(accepted_before_kill) == 1
 
 
-def _task_and_update(stub: fleet_pb2_grpc.FleetStub, md: tuple[tuple[str, str], ...], key: str, scale: float = 1.0
-                     ) -> tuple[fleet_pb2.TrainTask, fleet_pb2.UpdateHeader, bytes]:
+def _task_and_update(
+    stub: fleet_pb2_grpc.FleetStub, md: tuple[tuple[str, str], ...], key: str, scale: float = 1.0
+) -> tuple[fleet_pb2.TrainTask, fleet_pb2.UpdateHeader, bytes]:
     """A raw client's TRAIN task, and a valid update for it (the global model, floats scaled)."""
     task = None
     while task is None:
         reply = stub.PollTask(fleet_pb2.PollTaskRequest(max_wait_ms=2000), timeout=10, metadata=md)
         task = reply.train if reply.HasField("train") else None
-    model = b"".join(c.data for c in stub.DownloadArtifact(
-        fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md))
+    model = b"".join(
+        c.data
+        for c in stub.DownloadArtifact(
+            fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md
+        )
+    )
     state = decode_state(bundle_from_bytes(model))
-    payload = bundle_to_bytes(encode_state({k: v * scale if v.dtype.kind == "f" else v for k, v in state.items()},
-                                           Encoding()))
+    payload = bundle_to_bytes(
+        encode_state({k: v * scale if v.dtype.kind == "f" else v for k, v in state.items()}, Encoding())
+    )
     header = fleet_pb2.UpdateHeader(
-        round=task.round, task_id=task.task_id, idempotency_key=key, num_examples=100, label_counts=[10] * 10,
-        payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+        round=task.round,
+        task_id=task.task_id,
+        idempotency_key=key,
+        num_examples=100,
+        label_counts=[10] * 10,
+        payload_bytes=len(payload),
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+    )
     return task, header, payload
 
 
@@ -129,15 +152,23 @@ class _PausableUpload:
 
 def test_sigkill_during_an_upload_then_the_retry_counts_once(mnist_dir: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    config = _config(state, _free_port(), mnist_dir, rounds=1, clients_per_round=1, min_clients=1,
-                     min_completed=1, round_timeout_s=300)
+    config = _config(
+        state,
+        _free_port(),
+        mnist_dir,
+        rounds=1,
+        clients_per_round=1,
+        min_clients=1,
+        min_completed=1,
+        round_timeout_s=300,
+    )
     with LocalFederation(config, [], tmp_path) as fed:
         fed.start_coordinator()
         channel = grpc.insecure_channel(fed.address, channel_options())
         stub = fleet_pb2_grpc.FleetStub(channel)
         joined = stub.Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN, requested_client_id="raw-device"), timeout=10)
         md = bearer_metadata(joined.credential)
-        task, header, payload = _task_and_update(stub, md, "raw-device:upload-1", scale=0.5)
+        _, header, payload = _task_and_update(stub, md, "raw-device:upload-1", scale=0.5)
 
         stream = _PausableUpload(header, payload, chunk=16 * 1024)
         future = stub.UploadUpdate.future(iter(stream), timeout=60, metadata=md)
@@ -158,7 +189,8 @@ def test_sigkill_during_an_upload_then_the_retry_counts_once(mnist_dir: Path, tm
 
         def upload() -> fleet_pb2.UploadAck:
             msgs = [fleet_pb2.UploadMessage(header=header)] + [
-                fleet_pb2.UploadMessage(chunk=payload[i : i + 65536]) for i in range(0, len(payload), 65536)]
+                fleet_pb2.UploadMessage(chunk=payload[i : i + 65536]) for i in range(0, len(payload), 65536)
+            ]
             return stub.UploadUpdate(iter(msgs), timeout=30, metadata=md)
 
         # The credential survived the crash (stored hashed on disk) and the recovered round still
@@ -193,8 +225,16 @@ def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> 
     import signal
 
     state = tmp_path / "state"
-    config = _config(state, _free_port(), mnist_dir, rounds=1, clients_per_round=1, min_clients=1,
-                     min_completed=1, round_timeout_s=300)
+    config = _config(
+        state,
+        _free_port(),
+        mnist_dir,
+        rounds=1,
+        clients_per_round=1,
+        min_clients=1,
+        min_completed=1,
+        round_timeout_s=300,
+    )
     with LocalFederation(config, [], tmp_path) as fed:
         fed.start_coordinator()
         channel = grpc.insecure_channel(fed.address, channel_options())
@@ -208,14 +248,17 @@ def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> 
         fed.coordinator_proc.send_signal(signal.SIGTERM)
         # New calls are refused while the server drains...
         until = time.monotonic() + 30
-        while True:
+        refused: grpc.StatusCode | None = None
+        while refused is None:
             try:
                 stub.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=2, metadata=md)
-            except grpc.RpcError as err:  # grpc.aio answers a call that arrives while it drains either way
-                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
+            except grpc.RpcError as err:
+                refused = err.code()  # type: ignore[attr-defined]
                 break
             assert time.monotonic() < until, "the coordinator kept taking new calls after SIGTERM"
             time.sleep(0.05)
+        # grpc.aio answers a call that arrives while it drains either way.
+        assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused
         # ...but the upload already in flight finishes and is acknowledged.
         stream.release.set()
         ack = future.result()
@@ -228,7 +271,10 @@ def test_sigterm_drains_an_upload_in_flight(mnist_dir: Path, tmp_path: Path) -> 
         assert events[-1].kind == EVENT.KIND_FEDERATION_FINISHED
         rows = fed.ledger()
     assert len(rows) == 1 and rows[0].completed == 1
-    assert 0 <= rows[0].clients[0].bytes_up - ack.received_bytes < 256, (rows[0].clients[0].bytes_up, ack.received_bytes)
+    assert 0 <= rows[0].clients[0].bytes_up - ack.received_bytes < 256, (
+        rows[0].clients[0].bytes_up,
+        ack.received_bytes,
+    )
 
 
 def test_a_client_killed_mid_round_comes_back_and_the_federation_finishes(mnist_dir: Path, tmp_path: Path) -> None:
@@ -236,8 +282,16 @@ def test_a_client_killed_mid_round_comes_back_and_the_federation_finishes(mnist_
     task again and the round completes with it; nothing waits beyond the round's deadline."""
     train = load_idx_dataset(mnist_dir, "train")
     shards, _ = write_shards(train, tmp_path / "shards", n_clients=3, alpha=1.0, seed=8, samples_per_class=200)
-    config = _config(tmp_path / "state", _free_port(), mnist_dir, rounds=3, clients_per_round=3, min_clients=3,
-                     min_completed=3, round_timeout_s=120)
+    config = _config(
+        tmp_path / "state",
+        _free_port(),
+        mnist_dir,
+        rounds=3,
+        clients_per_round=3,
+        min_clients=3,
+        min_completed=3,
+        round_timeout_s=120,
+    )
     with LocalFederation(config, shards, tmp_path, client_log_level="INFO") as fed:
         fed.start_coordinator()
         fed.start_clients(TOKEN)
@@ -267,10 +321,21 @@ def test_an_acknowledged_update_is_never_left_out_of_its_round(tmp_path: Path) -
     from fedgen.coordinator.server import build_federation
 
     async def scenario() -> tuple[object, dict[str, str]]:
-        cfg = parse_config({"state_dir": str(tmp_path / "state"), "data": {"test_data_dir": "builtin"},
-                            "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 2,
-                                           "min_clients": 2, "min_completed": 1, "round_timeout_s": 1.0},
-                            "auth": {"enrollment_tokens": [TOKEN]}})
+        cfg = parse_config(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "data": {"test_data_dir": "builtin"},
+                "federation": {
+                    "strategy": "fedavg",
+                    "rounds": 1,
+                    "clients_per_round": 2,
+                    "min_clients": 2,
+                    "min_completed": 1,
+                    "round_timeout_s": 1.0,
+                },
+                "auth": {"enrollment_tokens": [TOKEN]},
+            }
+        )
         fed = await build_federation(cfg)
         a, _ = await fed.join(TOKEN, ClientProfile(), "a")
         b, _ = await fed.join(TOKEN, ClientProfile(), "b")
@@ -280,8 +345,9 @@ def test_an_acknowledged_update_is_never_left_out_of_its_round(tmp_path: Path) -
         payload = bundle_to_bytes(encode_state(fed.load_state(ta.model.sha256), Encoding()))
 
         def header(t: TrainAssignment, key: str) -> UploadHeader:
-            return UploadHeader(t.round, t.task_id, key, 10, (1,) * 10, len(payload),
-                                hashlib.sha256(payload).hexdigest(), {}, 0.0)
+            return UploadHeader(
+                t.round, t.task_id, key, 10, (1,) * 10, len(payload), hashlib.sha256(payload).hexdigest(), {}, 0.0
+            )
 
         await fed.accept_upload(a, header(ta, "ka"), payload, len(payload))
         real_add = fed.store.add_update

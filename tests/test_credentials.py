@@ -1,4 +1,5 @@
 """Client credentials expire; real edge clients notice and join again with their enrollment token."""
+
 from __future__ import annotations
 
 import time
@@ -22,15 +23,23 @@ TTL_S = 1.5
 def test_expired_credentials_are_refused_and_clients_join_again(mnist_dir: Path, tmp_path: Path) -> None:
     train = load_idx_dataset(mnist_dir, "train")
     shards, _ = write_shards(train, tmp_path / "shards", n_clients=2, alpha=1.0, seed=6, samples_per_class=100)
-    config = parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "server": {"address": "127.0.0.1:0", "max_poll_wait_s": 0.5},
-        "federation": {"strategy": "fedavg", "rounds": 3, "clients_per_round": 2, "min_clients": 2,
-                       "min_completed": 2, "round_timeout_s": 120},
-        "training": {"local_steps": 5},
-        "data": {"test_data_dir": str(mnist_dir)},
-        "auth": {"enrollment_tokens": [TOKEN], "credential_ttl_s": TTL_S},
-    })
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "server": {"address": "127.0.0.1:0", "max_poll_wait_s": 0.5},
+            "federation": {
+                "strategy": "fedavg",
+                "rounds": 3,
+                "clients_per_round": 2,
+                "min_clients": 2,
+                "min_completed": 2,
+                "round_timeout_s": 120,
+            },
+            "training": {"local_steps": 5},
+            "data": {"test_data_dir": str(mnist_dir)},
+            "auth": {"enrollment_tokens": [TOKEN], "credential_ttl_s": TTL_S},
+        }
+    )
     with LocalFederation(config, shards, tmp_path) as fed:
         fed.start_coordinator()
         with grpc.insecure_channel(fed.address, channel_options()) as channel:

@@ -1,4 +1,5 @@
 """Tests for fedgen.core.data: IDX readers on real MNIST, FedGen's partition, local test split, shards."""
+
 from __future__ import annotations
 
 import gzip
@@ -81,7 +82,9 @@ def test_real_mnist_counts_and_ranges(mnist_train: Dataset, mnist_test: Dataset)
 def test_reader_accepts_plain_idx(tmp_path: Path) -> None:
     raw = gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
     (tmp_path / "labels").write_bytes(raw)
-    assert np.array_equal(read_idx_labels(tmp_path / "labels"), read_idx_labels(MNIST_DIR / "t10k-labels-idx1-ubyte.gz"))
+    assert np.array_equal(
+        read_idx_labels(tmp_path / "labels"), read_idx_labels(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    )
 
 
 def test_shipped_subset_is_balanced(subset_train: Dataset) -> None:
@@ -95,8 +98,9 @@ def test_shipped_subset_is_balanced(subset_train: Dataset) -> None:
 @needs_mnist
 def test_shipped_subset_images_are_real_mnist(mnist_test: Dataset) -> None:
     sub = load_idx_dataset(builtin_data_dir(), "test")
-    source = {hashlib.sha1(img.tobytes()).digest(): int(y) for img, y in zip(mnist_test.images, mnist_test.labels)}
-    for img, y in zip(sub.images, sub.labels):
+    pairs = zip(mnist_test.images, mnist_test.labels, strict=True)
+    source = {hashlib.sha1(img.tobytes()).digest(): int(y) for img, y in pairs}
+    for img, y in zip(sub.images, sub.labels, strict=True):
         assert source[hashlib.sha1(img.tobytes()).digest()] == y
 
 
@@ -137,9 +141,9 @@ def test_wrong_dims_and_count_mismatch_and_missing(tmp_path: Path) -> None:
         read_idx_images(tmp_path / "x")
     (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_images(3))
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_labels([1, 2])))
-    with pytest.raises(DataError, match="3 images but .* 2 labels"):
+    with pytest.raises(DataError, match=r"3 images but .* 2 labels"):
         load_idx_dataset(tmp_path, "train")
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz"):
         load_idx_dataset(tmp_path, "test")
     with pytest.raises(DataError, match="not found"):
         read_idx_labels(tmp_path / "nope")
@@ -195,8 +199,8 @@ def test_partition_is_deterministic(subset_train: Dataset) -> None:
     a = dirichlet_partition(subset_train.labels, 10, 0.3, seed=5, samples_per_class=300)
     b = dirichlet_partition(subset_train.labels, 10, 0.3, seed=5, samples_per_class=300)
     c = dirichlet_partition(subset_train.labels, 10, 0.3, seed=6, samples_per_class=300)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
+    assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(a, c, strict=False))
 
 
 def test_label_skew_grows_as_alpha_shrinks(subset_train: Dataset) -> None:
@@ -241,7 +245,7 @@ def test_label_restricted_test_split(mnist_train: Dataset, mnist_test: Dataset) 
         per_label = np.bincount(mnist_test.labels, minlength=10) // 20
         expected = sum(int(per_label[c]) for s in label_sets for c in s)
         assert len(allidx) == expected
-        for s, t in zip(label_sets, tests):
+        for s, t in zip(label_sets, tests, strict=False):
             assert set(np.unique(mnist_test.labels[t]).tolist()) == s
     # seed=None reproduces FedGen's file-order slices; arrays of train labels are accepted too.
     tests = label_restricted_test_split(mnist_test.labels, [mnist_train.labels[p] for p in parts], seed=None)
@@ -279,11 +283,11 @@ def test_shard_rejects_bad_arrays(tmp_path: Path) -> None:
         load_shard(p)
     p = tmp_path / "range.npz"
     np.savez(p, train_images=imgs, train_labels=np.array([1, 256]))
-    with pytest.raises(DataError, match="0..255"):
+    with pytest.raises(DataError, match=r"0..255"):
         load_shard(p)
     p = tmp_path / "pickled.npz"
     np.savez(p, train_images=imgs, train_labels=np.array([{"x": 1}, 2], dtype=object))
-    with pytest.raises(DataError, match="train_labels.*pickle"):
+    with pytest.raises(DataError, match=r"train_labels.*pickle"):
         load_shard(p)
     p = tmp_path / "half.npz"
     np.savez(p, train_images=imgs, train_labels=np.array([1, 2]), test_images=imgs)
@@ -291,7 +295,7 @@ def test_shard_rejects_bad_arrays(tmp_path: Path) -> None:
         load_shard(p)
     p = tmp_path / "junk.npz"
     p.write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="junk.npz"):
+    with pytest.raises(DataError, match=r"junk.npz"):
         load_shard(p)
     with pytest.raises(DataError, match="not found"):
         load_shard(tmp_path / "absent.npz")

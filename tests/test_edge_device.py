@@ -1,4 +1,5 @@
 """The edge client on a device: its memory budget, its readiness probes, its light install."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,20 @@ import pytest
 
 from fedgen.coordinator.config import parse_config
 from fedgen.coordinator.local import LocalFederation, write_shards
-from fedgen.edge.budget import (MIB, TaskNeeds, available_memory_mib, effective_budget_mib, peak_rss_mib,
-                                plan_task, reset_peak_rss, rss_mib)
-from fedgen.edge.conditions import combine, command_probe, on_mains_power
-from fedgen.edge.trainer import LocalTrainer, TrainPlan
 from fedgen.core.data import load_idx_dataset
 from fedgen.core.models import Classifier, state_to_numpy
+from fedgen.edge.budget import (
+    MIB,
+    TaskNeeds,
+    available_memory_mib,
+    effective_budget_mib,
+    peak_rss_mib,
+    plan_task,
+    reset_peak_rss,
+    rss_mib,
+)
+from fedgen.edge.conditions import combine, command_probe, on_mains_power
+from fedgen.edge.trainer import LocalTrainer, TrainPlan
 from fedgen.v1 import control_pb2, control_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +38,7 @@ GENERATOR_BYTES = 80_000
 
 
 # ------------------------------------------------------------------ the budget, as pure functions
+
 
 def test_a_task_fits_at_full_batch_when_memory_is_plenty() -> None:
     plan = plan_task(300.0, 1024.0, TaskNeeds(MODEL_BYTES, GENERATOR_BYTES, 32, 32))
@@ -80,6 +90,7 @@ def test_micro_batches_add_up_to_the_same_step() -> None:
 
 # ------------------------------------------------------------------ readiness probes
 
+
 def test_mains_probe_reads_sysfs(tmp_path: Path) -> None:
     assert on_mains_power(tmp_path / "absent") is None  # no power-supply reporting: a board on mains
     bat = tmp_path / "BAT0"
@@ -94,6 +105,7 @@ def test_mains_probe_reads_sysfs(tmp_path: Path) -> None:
     assert on_mains_power(tmp_path) is None
 
 
+@pytest.mark.integration
 def test_command_probe_and_combination() -> None:
     assert command_probe("true")() is None
     assert command_probe("sh -c 'echo metered link; exit 1'")() == "metered link"
@@ -103,10 +115,20 @@ def test_command_probe_and_combination() -> None:
 
 # ------------------------------------------------------------------ a light install
 
-COORDINATOR_ONLY = ("coordinator", "onnx", "grpc_health", "grpc_reflection", "rich", "matplotlib", "pydantic",
-                    "fedgen.export.onnx_export", "torch.onnx")
+COORDINATOR_ONLY = (
+    "coordinator",
+    "onnx",
+    "grpc_health",
+    "grpc_reflection",
+    "rich",
+    "matplotlib",
+    "pydantic",
+    "fedgen.export.onnx_export",
+    "torch.onnx",
+)
 
 
+@pytest.mark.integration
 def test_the_edge_client_imports_nothing_coordinator_only() -> None:
     """A fresh interpreter where the coordinator-only packages cannot be imported (as on a device
     with the base install) imports and sets up the whole edge client, and loads none of them."""
@@ -131,24 +153,35 @@ print(json.dumps(sorted(sys.modules)))
 
 # ------------------------------------------------------------------ over the wire
 
+
 @pytest.mark.integration
 def test_budget_and_conditions_decide_who_is_sampled(mnist_dir: Path, tmp_path: Path) -> None:
     """client-00 trains; client-01's budget cannot hold a round, so it declines (and is not sampled
     for that kind of task again); client-02 is never ready by its own probe. The ledger says why."""
     train = load_idx_dataset(mnist_dir, "train")
     test = load_idx_dataset(mnist_dir, "test")
-    shards, _ = write_shards(train, tmp_path / "shards", n_clients=3, alpha=1.0, seed=9, samples_per_class=100,
-                             test=test)
-    config = parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "server": {"address": "127.0.0.1:0"},
-        "federation": {"strategy": "fedgen", "rounds": 3, "clients_per_round": 3, "min_clients": 1,
-                       "min_completed": 1, "round_timeout_s": 120, "seed": 2},
-        "training": {"local_steps": 5},
-        "fedgen": {"device": "cpu"},
-        "data": {"test_data_dir": str(mnist_dir)},
-        "auth": {"enrollment_tokens": [TOKEN]},
-    })
+    shards, _ = write_shards(
+        train, tmp_path / "shards", n_clients=3, alpha=1.0, seed=9, samples_per_class=100, test=test
+    )
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "server": {"address": "127.0.0.1:0"},
+            "federation": {
+                "strategy": "fedgen",
+                "rounds": 3,
+                "clients_per_round": 3,
+                "min_clients": 1,
+                "min_completed": 1,
+                "round_timeout_s": 120,
+                "seed": 2,
+            },
+            "training": {"local_steps": 5},
+            "fedgen": {"device": "cpu"},
+            "data": {"test_data_dir": str(mnist_dir)},
+            "auth": {"enrollment_tokens": [TOKEN]},
+        }
+    )
     per_client = {1: ["--memory-budget-mb", "100"], 2: ["--ready-command", NOT_READY_COMMAND]}
     with LocalFederation(config, shards, tmp_path, per_client_args=per_client, client_log_level="INFO") as fed:
         fed.start_coordinator()
@@ -191,6 +224,7 @@ def test_budget_and_conditions_decide_who_is_sampled(mnist_dir: Path, tmp_path: 
 
 # ------------------------------------------------------------------ a corrupt artifact on the way
 
+
 class _HostileFleet:
     """A server that answers DownloadArtifact with bytes that do not match the id asked for
     (what a corrupting link or a compromised proxy would deliver)."""
@@ -203,10 +237,12 @@ class _HostileFleet:
 
         self.calls += 1
         data = self.good[: len(self.good) // 2] if self.truncate else bytes([self.good[0] ^ 0xFF]) + self.good[1:]
-        yield fleet_pb2.ArtifactChunk(artifact_id=request.artifact_id, offset=request.offset,
-                                      data=data[request.offset :], total_size=len(data))
+        yield fleet_pb2.ArtifactChunk(
+            artifact_id=request.artifact_id, offset=request.offset, data=data[request.offset :], total_size=len(data)
+        )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("truncate", [False, True], ids=["flipped-byte", "truncated"])
 def test_an_artifact_that_fails_its_digest_is_never_used(tmp_path: Path, truncate: bool) -> None:
     import hashlib
@@ -220,10 +256,20 @@ def test_an_artifact_that_fails_its_digest_is_never_used(tmp_path: Path, truncat
     good = b"generator-or-model-bytes" * 100
     hostile = _HostileFleet(good, truncate)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedgen.v1.Fleet", {
-        "DownloadArtifact": grpc.unary_stream_rpc_method_handler(
-            hostile.DownloadArtifact, request_deserializer=fleet_pb2.DownloadRequest.FromString,
-            response_serializer=fleet_pb2.ArtifactChunk.SerializeToString)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "fedgen.v1.Fleet",
+                {
+                    "DownloadArtifact": grpc.unary_stream_rpc_method_handler(
+                        hostile.DownloadArtifact,
+                        request_deserializer=fleet_pb2.DownloadRequest.FromString,
+                        response_serializer=fleet_pb2.ArtifactChunk.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

@@ -1,4 +1,5 @@
 """FedGen's generator: exact torch/onnxruntime parity, the server step, the strategy's state."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,16 +11,21 @@ import torch
 from fedgen.coordinator.config import FedGenConfig, TrainingConfig
 from fedgen.coordinator.fedgen import FedGen
 from fedgen.coordinator.generator import (
-    Generator, GeneratorConfig, GeneratorTrainConfig, Head, diversity_loss, label_weights, make_optimizer,
+    Generator,
+    GeneratorTrainConfig,
+    Head,
+    diversity_loss,
+    label_weights,
+    make_optimizer,
     train_generator,
 )
 from fedgen.coordinator.strategy import ClientResult
+from fedgen.core.models import Classifier, state_to_numpy
 from fedgen.edge.generator_runtime import OnnxGenerator
 from fedgen.edge.trainer import LocalTrainer, TrainPlan
-from fedgen.export.generator_manifest import ManifestError
 from fedgen.export.encoding import Encoding
+from fedgen.export.generator_manifest import ManifestError
 from fedgen.export.onnx_export import export_generator_onnx
-from fedgen.core.models import Classifier, state_to_numpy
 
 
 def _trained_generator(seed: int = 0) -> Generator:
@@ -31,7 +37,7 @@ def _trained_generator(seed: int = 0) -> Generator:
     return g.eval()
 
 
-@pytest.fixture()
+@pytest.fixture
 def onnx_path(tmp_path: Path) -> tuple[Generator, Path]:
     g = _trained_generator()
     path = tmp_path / "g.onnx"
@@ -98,7 +104,7 @@ def test_server_step_teaches_the_generator_what_heads_agree_on(weighting: str) -
     first = train_generator(g, opt, heads, counts, cfg, rng)
     for _ in range(5):
         last = train_generator(g, opt, heads, counts, cfg, rng)
-    assert any(not torch.equal(a, b) for a, b in zip(before, g.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, g.parameters(), strict=False))
     assert last.teacher_loss < first.teacher_loss
     assert 0 < last.diversity_loss <= 1
 
@@ -106,8 +112,14 @@ def test_server_step_teaches_the_generator_what_heads_agree_on(weighting: str) -
 def test_server_step_rejects_mismatched_inputs() -> None:
     g = Generator()
     with pytest.raises(ValueError, match="one label-count vector per head"):
-        train_generator(g, make_optimizer(g, GeneratorTrainConfig()), [Head(torch.zeros(10, 32), torch.zeros(10))],
-                        [], GeneratorTrainConfig(), np.random.default_rng(0))
+        train_generator(
+            g,
+            make_optimizer(g, GeneratorTrainConfig()),
+            [Head(torch.zeros(10, 32), torch.zeros(10))],
+            [],
+            GeneratorTrainConfig(),
+            np.random.default_rng(0),
+        )
 
 
 def _results(n: int = 3) -> list[ClientResult]:
@@ -133,7 +145,7 @@ def test_fedgen_strategy_schedule_artifacts_and_state() -> None:
     # A restarted coordinator restores the generator and its Adam moments exactly.
     restored = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), seed=99)
     restored.load_state_bytes(s.state_bytes())
-    for a, b in zip(s.generator.state_dict().values(), restored.generator.state_dict().values()):
+    for a, b in zip(s.generator.state_dict().values(), restored.generator.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     p = next(s.generator.parameters())
     q = next(restored.generator.parameters())

@@ -1,4 +1,5 @@
 """The link policy is a pure function: budgets, ladders and estimates, no network."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,9 @@ from fedgen.coordinator.link_policy import Link, LinkEstimator, Rung, Transfer, 
 from fedgen.export.encoding import Encoding
 
 
-def R(name: str, size: int) -> Rung:  # noqa: N802 (reads like the tables below)
+def R(name: str, size: int) -> Rung:
     return Rung(Encoding.parse(name), size)
+
 
 MODEL = Transfer("model", "down", (R("fp32+zstd", 100_000), R("fp16+zstd", 50_000), R("int8+zstd", 27_000)))
 GEN = Transfer("generator", "down", (R("fp32+zstd", 72_000), R("int8+zstd", 22_000)))
@@ -70,7 +72,7 @@ def test_estimator_is_seeded_by_the_profile_then_follows_measurements() -> None:
     assert est.link("a").down_bps == pytest.approx(1.5e6)
 
 
-@pytest.mark.parametrize("nbytes,seconds", [(100, 0.1), (100_000, 0.0), (100_000, float("nan")), (100_000, -1)])
+@pytest.mark.parametrize(("nbytes", "seconds"), [(100, 0.1), (100_000, 0.0), (100_000, float("nan")), (100_000, -1)])
 def test_estimator_ignores_what_it_cannot_learn_from(nbytes: int, seconds: float) -> None:
     est = LinkEstimator(assumed_bps=5e6)
     assert est.observe("a", "up", nbytes, seconds) is None
@@ -82,8 +84,9 @@ def test_a_download_teaches_rate_from_its_later_chunks_and_latency_from_its_firs
 
     est = LinkEstimator(weight=1.0)
     # 1 Mbit/s with 0.2 s of request latency: a 64 KB first chunk at 0.2 + 0.524 s, 100 KB more in 0.8 s.
-    est.observe_download("a", DownloadTiming(wire_bytes=165_536, seconds=1.524, first_chunk_seconds=0.724,
-                                             first_chunk_bytes=65_536))
+    est.observe_download(
+        "a", DownloadTiming(wire_bytes=165_536, seconds=1.524, first_chunk_seconds=0.724, first_chunk_bytes=65_536)
+    )
     link = est.link("a")
     assert link.down_bps == pytest.approx(1e6, rel=1e-3)
     assert link.latency_s == pytest.approx(0.2, abs=1e-3)
@@ -94,8 +97,11 @@ def test_malformed_download_timings_teach_nothing() -> None:
     from fedgen.coordinator.link_policy import DownloadTiming
 
     est = LinkEstimator(assumed_bps=5e6)
-    for bad in (DownloadTiming(100_000, 1.0, 2.0, 10), DownloadTiming(100_000, float("inf"), 0, 0),
-                DownloadTiming(100, 1.0, 0.5, 200)):
+    for bad in (
+        DownloadTiming(100_000, 1.0, 2.0, 10),
+        DownloadTiming(100_000, float("inf"), 0, 0),
+        DownloadTiming(100, 1.0, 0.5, 200),
+    ):
         assert not bad.valid()
         est.observe_download("a", bad)
     assert est.link("a").down_bps == 5e6 and est.link("a").latency_s == est.assumed_latency_s

@@ -4,6 +4,7 @@ Runs `benchmarks/load.py`'s main() as CI would, results into tmp_path; checks wh
 size (every acknowledged update is in the ledger, nothing refused, every round committed, every
 client finished) and never how long anything took.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,30 @@ pytestmark = pytest.mark.integration
 
 def test_load_small(tmp_path: Path) -> None:
     results = tmp_path / "results"
-    code = load.main([
-        "--clients", "100", "--cohort", "20", "--rounds", "2", "--workers", "2",
-        "--ramp", "1", "--train-seconds", "0.2", "--poll-wait-ms", "5000", "--timeout", "400",
-        "--out", str(tmp_path / "work"), "--results-dir", str(results),
-    ])
+    code = load.main(
+        [
+            "--clients",
+            "100",
+            "--cohort",
+            "20",
+            "--rounds",
+            "2",
+            "--workers",
+            "2",
+            "--ramp",
+            "1",
+            "--train-seconds",
+            "0.2",
+            "--poll-wait-ms",
+            "5000",
+            "--timeout",
+            "400",
+            "--out",
+            str(tmp_path / "work"),
+            "--results-dir",
+            str(results),
+        ]
+    )
     doc = json.loads((results / "load.json").read_text())
     assert (results / "load.csv").stat().st_size > 0 and (results / "load.png").stat().st_size > 0
 

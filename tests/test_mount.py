@@ -1,5 +1,6 @@
 """The coordinator mounted on a grpc.aio server the user built: their interceptor, their service
 beside ours, their port; and the coordinator's own guarantees (auth, rate limits) kept."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedgen.coordinator.auth import RateLimiter, TokenBucket
 from fedgen.coordinator.config import ConfigError, parse_config
 from fedgen.coordinator.server import build_federation, coordinator_interceptors, mount
-from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.core.transport import bearer_metadata, channel_options
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 TOKEN = "mount-test-enrollment-token"
@@ -38,21 +39,34 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 
 async def _scenario(tmp_path: Path) -> None:
-    config = parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 1, "min_clients": 1,
-                       "min_completed": 1, "round_timeout_s": 60},
-        "data": {"test_data_dir": "builtin"},
-        # Secrets given as hashes only: the config holds no token.
-        "auth": {"enrollment_tokens": [], "enrollment_token_sha256": [hashlib.sha256(TOKEN.encode()).hexdigest()],
-                 "operator_token_sha256": hashlib.sha256(OPERATOR.encode()).hexdigest(),
-                 "client_requests_per_second": 1, "client_burst": 8},
-    })
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "federation": {
+                "strategy": "fedavg",
+                "rounds": 1,
+                "clients_per_round": 1,
+                "min_clients": 1,
+                "min_completed": 1,
+                "round_timeout_s": 60,
+            },
+            "data": {"test_data_dir": "builtin"},
+            # Secrets given as hashes only: the config holds no token.
+            "auth": {
+                "enrollment_tokens": [],
+                "enrollment_token_sha256": [hashlib.sha256(TOKEN.encode()).hexdigest()],
+                "operator_token_sha256": hashlib.sha256(OPERATOR.encode()).hexdigest(),
+                "client_requests_per_second": 1,
+                "client_burst": 8,
+            },
+        }
+    )
     federation = await build_federation(config)
     theirs = RecordingInterceptor()
     server = grpc.aio.server(interceptors=[theirs, *coordinator_interceptors(federation)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("acme.Echo", {
-        "Say": grpc.unary_unary_rpc_method_handler(_echo)}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("acme.Echo", {"Say": grpc.unary_unary_rpc_method_handler(_echo)}),)
+    )
     running = await mount(server, federation)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -69,28 +83,44 @@ async def _scenario(tmp_path: Path) -> None:
                 await fleet.PollTask(fleet_pb2.PollTaskRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await control.GetStatus(control_pb2.GetStatusRequest(), timeout=5, metadata=bearer_metadata("wrong-token"))
+                await control.GetStatus(
+                    control_pb2.GetStatusRequest(), timeout=5, metadata=bearer_metadata("wrong-token")
+                )
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-            joined = await fleet.Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN, requested_client_id="dev"), timeout=5)
+            joined = await fleet.Join(
+                fleet_pb2.JoinRequest(enrollment_token=TOKEN, requested_client_id="dev"), timeout=5
+            )
             md = bearer_metadata(joined.credential)
             while True:
                 reply = await fleet.PollTask(fleet_pb2.PollTaskRequest(max_wait_ms=5000), timeout=10, metadata=md)
                 if reply.HasField("train"):
                     break
             task = reply.train
-            chunks = [c async for c in fleet.DownloadArtifact(
-                fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md)]
+            chunks = [
+                c
+                async for c in fleet.DownloadArtifact(
+                    fleet_pb2.DownloadRequest(artifact_id=task.global_model.artifact_id), timeout=10, metadata=md
+                )
+            ]
             state = decode_state(bundle_from_bytes(b"".join(c.data for c in chunks)))
             payload = bundle_to_bytes(encode_state(state, Encoding()))
             header = fleet_pb2.UpdateHeader(
-                round=task.round, task_id=task.task_id, idempotency_key="dev:1", num_examples=10,
-                label_counts=[1] * 10, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+                round=task.round,
+                task_id=task.task_id,
+                idempotency_key="dev:1",
+                num_examples=10,
+                label_counts=[1] * 10,
+                payload_bytes=len(payload),
+                payload_sha256=hashlib.sha256(payload).hexdigest(),
+            )
             msgs = [fleet_pb2.UploadMessage(header=header), fleet_pb2.UploadMessage(chunk=payload)]
             ack = await fleet.UploadUpdate(iter(msgs), timeout=10, metadata=md)
             assert ack.accepted
             await asyncio.wait_for(running.wait_finished(), 60)  # the engine ran its round on their server
-            status = await control.GetStatus(control_pb2.GetStatusRequest(), timeout=5, metadata=bearer_metadata(OPERATOR))
+            status = await control.GetStatus(
+                control_pb2.GetStatusRequest(), timeout=5, metadata=bearer_metadata(OPERATOR)
+            )
             assert status.state == control_pb2.FEDERATION_STATE_FINISHED
 
             # The per-client budget (1/s, burst 8) is spent by now: a burst of heartbeats is refused.
@@ -115,6 +145,7 @@ async def _scenario(tmp_path: Path) -> None:
         await server.stop(1)
 
 
+@pytest.mark.integration
 def test_mounted_on_a_users_server(tmp_path: Path) -> None:
     asyncio.run(_scenario(tmp_path))
 

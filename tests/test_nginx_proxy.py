@@ -10,6 +10,7 @@ health service over TLS, and a plaintext call to the TLS port fails.
 Needs the `nginx` binary (Debian: `apt-get install -y nginx`). Without it the test skips, except
 under CI (the CI environment variable set), where a missing nginx is a failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import certs
 import grpc
 import pytest
+from certs import make_pki
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import certs
-from certs import make_pki
 from fedgen.coordinator.config import parse_config
 from fedgen.coordinator.local import LocalFederation, write_shards
 from fedgen.core.data import load_idx_dataset
@@ -91,7 +92,11 @@ http {{
 
 def _nginx_binary() -> str:
     found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx") if os.access(p, os.X_OK)),
+        (
+            p
+            for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+            if os.access(p, os.X_OK)
+        ),
         None,
     )
     if found is None:
@@ -147,10 +152,18 @@ class Nginx:
             listen, http2 = f"127.0.0.1:{port} ssl", "http2 on;"
         else:
             listen, http2 = f"127.0.0.1:{port} ssl http2", ""
-        self.conf.write_text(NGINX_CONF.format(
-            prefix=self.prefix, user=_user_directive(), listen=listen, http2=http2, server_name=certs.SERVER_NAME,
-            cert=self.cert, key=self.key, upstream_port=self.upstream_port,
-        ))
+        self.conf.write_text(
+            NGINX_CONF.format(
+                prefix=self.prefix,
+                user=_user_directive(),
+                listen=listen,
+                http2=http2,
+                server_name=certs.SERVER_NAME,
+                cert=self.cert,
+                key=self.key,
+                upstream_port=self.upstream_port,
+            )
+        )
 
     def _cmd(self, *extra: str) -> list[str]:
         # -e: the error log before the config is read (else the compiled-in /var/log/nginx/error.log).
@@ -166,9 +179,8 @@ class Nginx:
             self._write_conf(port)
             check = subprocess.run(self._cmd("-t"), capture_output=True, text=True)
             assert check.returncode == 0, f"nginx -t rejected {self.conf}:\n{check.stderr}"
-            log = open(self.prefix / "nginx.stdout", "ab")
-            self.proc = subprocess.Popen(self._cmd(), stdout=log, stderr=subprocess.STDOUT)
-            log.close()
+            with open(self.prefix / "nginx.stdout", "ab") as log:  # nginx keeps its own descriptor
+                self.proc = subprocess.Popen(self._cmd(), stdout=log, stderr=subprocess.STDOUT)
             if self._wait_listening(port):
                 self.port = port
                 return port
@@ -217,15 +229,24 @@ def test_federation_through_nginx_tls_proxy(nginx_binary: str, mnist_dir: Path, 
     pki = make_pki(tmp_path / "pki")
     train = load_idx_dataset(mnist_dir, "train")
     shards, _ = write_shards(train, tmp_path / "shards", n_clients=CLIENTS, alpha=1.0, seed=4, samples_per_class=200)
-    config = parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "server": {"address": "127.0.0.1:0"},  # plaintext, loopback only: nginx is the front door
-        "federation": {"strategy": "fedavg", "rounds": ROUNDS, "clients_per_round": CLIENTS, "min_clients": CLIENTS,
-                       "min_completed": CLIENTS, "round_timeout_s": 60, "seed": 4},
-        "training": {"local_steps": 20, "learning_rate": 0.05},
-        "data": {"test_data_dir": str(mnist_dir)},
-        "auth": {"enrollment_tokens": [TOKEN]},
-    })
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "server": {"address": "127.0.0.1:0"},  # plaintext, loopback only: nginx is the front door
+            "federation": {
+                "strategy": "fedavg",
+                "rounds": ROUNDS,
+                "clients_per_round": CLIENTS,
+                "min_clients": CLIENTS,
+                "min_completed": CLIENTS,
+                "round_timeout_s": 60,
+                "seed": 4,
+            },
+            "training": {"local_steps": 20, "learning_rate": 0.05},
+            "data": {"test_data_dir": str(mnist_dir)},
+            "auth": {"enrollment_tokens": [TOKEN]},
+        }
+    )
     fed = LocalFederation(config, shards, tmp_path / "fed")
     nginx: Nginx | None = None
     try:
@@ -237,7 +258,7 @@ def test_federation_through_nginx_tls_proxy(nginx_binary: str, mnist_dir: Path, 
         # A direct call through nginx over TLS, verified against the test CA under the certificate's
         # name: the standard health service answers SERVING once the coordinator has recovered its state.
         creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes())
-        tls_options = channel_options() + [("grpc.ssl_target_name_override", certs.SERVER_NAME)]
+        tls_options = [*channel_options(), ("grpc.ssl_target_name_override", certs.SERVER_NAME)]
         with grpc.secure_channel(f"127.0.0.1:{nginx_port}", creds, tls_options) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
             for reply in watch:
@@ -262,8 +283,11 @@ def test_federation_through_nginx_tls_proxy(nginx_binary: str, mnist_dir: Path, 
         assert events[-1].kind == control_pb2.RoundEvent.KIND_FEDERATION_FINISHED, events[-1]
         committed = [e.round for e in events if e.kind == control_pb2.RoundEvent.KIND_ROUND_COMMITTED]
         assert committed == list(range(ROUNDS)), committed
-        assert not [e for e in events if e.kind in (control_pb2.RoundEvent.KIND_ROUND_FAILED,
-                                                    control_pb2.RoundEvent.KIND_UPDATE_REJECTED)]
+        assert not [
+            e
+            for e in events
+            if e.kind in (control_pb2.RoundEvent.KIND_ROUND_FAILED, control_pb2.RoundEvent.KIND_UPDATE_REJECTED)
+        ]
 
         codes = fed.wait_clients(timeout_s=120)
         assert codes == [0] * CLIENTS, (codes, _client_logs(fed))
@@ -288,8 +312,11 @@ def test_federation_through_nginx_tls_proxy(nginx_binary: str, mnist_dir: Path, 
 
     def calls(method: str) -> list[str]:
         """The access-log lines of successful calls of `method` (HTTP 200, gRPC status OK in the trailers)."""
-        return [line for line in fleet if f'"POST /fedgen.v1.Fleet/{method} HTTP/2.0" 200 ' in line
-                and "grpc-status=0 " in line]
+        return [
+            line
+            for line in fleet
+            if f'"POST /fedgen.v1.Fleet/{method} HTTP/2.0" 200 ' in line and "grpc-status=0 " in line
+        ]
 
     assert len(calls("Join")) == CLIENTS, fleet
     assert calls("PollTask"), fleet
@@ -302,7 +329,7 @@ def test_federation_through_nginx_tls_proxy(nginx_binary: str, mnist_dir: Path, 
     # gRPC may have reconnected once before the channel closed).
     others = [line for line in lines if "/fedgen.v1.Fleet/" not in line]
     health = [line for line in others if "POST /grpc.health.v1.Health/" in line]
-    assert any("/Check HTTP/2.0\" 200 " in line and "grpc-status=0 " in line for line in health), health
+    assert any('/Check HTTP/2.0" 200 ' in line and "grpc-status=0 " in line for line in health), health
     plaintext = [line for line in others if line not in health]
     assert plaintext and all('"PRI * HTTP/2.0" 400 ' in line for line in plaintext), others
     assert all(line.startswith("127.0.0.1 ") for line in lines)

@@ -9,6 +9,7 @@ Needs `node` and `npm` on PATH; without them the test skips, except under CI (en
 it fails. CI installs the client's packages with
 `npm ci --prefix tests/node_client --no-audit --no-fund` (the fixture below runs it if needed).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,39 +45,64 @@ def node() -> str:
     node, npm = _node_tools()
     modules = NODE_CLIENT / "node_modules" / "@grpc"
     if not ((modules / "grpc-js").is_dir() and (modules / "proto-loader").is_dir()):
-        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, f"npm ci failed in {NODE_CLIENT}:\n{proc.stdout}\n{proc.stderr}"
     return node
 
 
-@pytest.fixture()
+@pytest.fixture
 def coordinator(tmp_path: Path):
-    config = parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "server": {"address": "127.0.0.1:0"},
-        "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 1, "min_clients": 1,
-                       "min_completed": 1, "round_timeout_s": 60},
-        # The MNIST subset shipped in the package: no data files needed, so nothing to skip on.
-        "data": {"test_data_dir": "builtin"},
-        "auth": {"enrollment_tokens": [TOKEN]},
-    })
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "server": {"address": "127.0.0.1:0"},
+            "federation": {
+                "strategy": "fedavg",
+                "rounds": 1,
+                "clients_per_round": 1,
+                "min_clients": 1,
+                "min_completed": 1,
+                "round_timeout_s": 60,
+            },
+            # The MNIST subset shipped in the package: no data files needed, so nothing to skip on.
+            "data": {"test_data_dir": "builtin"},
+            "auth": {"enrollment_tokens": [TOKEN]},
+        }
+    )
     with LocalFederation(config=config, shards=[], work_dir=tmp_path / "work") as fed:
         fed.start_coordinator()  # the Node client is the only client: no Python clients start
         yield fed
 
 
+@pytest.mark.integration
 def test_node_client_speaks_fleet_from_the_protos_alone(node: str, coordinator: LocalFederation) -> None:
     log = coordinator.work_dir / "coordinator.log"
     try:
         proc = subprocess.run(
-            [node, str(NODE_CLIENT / "client.js"), coordinator.address, TOKEN,
-             "--timeout-s", "90", "--first-chunk-bytes", "1024"],
-            capture_output=True, text=True, timeout=150,
+            [
+                node,
+                str(NODE_CLIENT / "client.js"),
+                coordinator.address,
+                TOKEN,
+                "--timeout-s",
+                "90",
+                "--first-chunk-bytes",
+                "1024",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=150,
         )
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"node client did not finish: {err}\nstderr:\n{err.stderr}\ncoordinator log:\n{log.read_text()[-4000:]}")
-    context = f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\ncoordinator log (tail):\n{log.read_text()[-4000:]}"
+        pytest.fail(
+            f"node client did not finish: {err}\nstderr:\n{err.stderr}\ncoordinator log:\n{log.read_text()[-4000:]}"
+        )
+    context = (
+        f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\n"
+        f"coordinator log (tail):\n{log.read_text()[-4000:]}"
+    )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and len(lines) == 1, context
     out = json.loads(lines[0])

@@ -1,4 +1,5 @@
 """The committed stubs are exactly what the pinned generators make from the .proto sources."""
+
 from __future__ import annotations
 
 import filecmp

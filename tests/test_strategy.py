@@ -23,9 +23,9 @@ def test_weighted_average_of_one_is_identity() -> None:
 
 
 def test_weighted_average_rejects_empty_and_zero_weight() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot average zero states"):
         weighted_average([])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="total weight must be positive, got 0"):
         weighted_average([({"w": np.zeros(1, np.float32)}, 0)])
 
 

@@ -1,12 +1,13 @@
 """TLS and mutual TLS on the coordinator's own port, with certificates made by the test."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import grpc
 import pytest
-
 from certs import SERVER_NAME, Pki, make_pki
+
 from fedgen.coordinator.config import ConfigError, parse_config
 from fedgen.coordinator.local import LocalFederation, write_shards
 from fedgen.core.data import load_idx_dataset
@@ -27,15 +28,24 @@ def _config(tmp_path: Path, pki: Pki, mnist_dir: Path, mutual: bool, rounds: int
     tls = {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}
     if mutual:
         tls["client_ca_file"] = str(pki.ca_cert)
-    return parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "server": {"address": "127.0.0.1:0", "tls": tls},
-        "federation": {"strategy": "fedavg", "rounds": rounds, "clients_per_round": clients, "min_clients": clients,
-                       "min_completed": clients, "round_timeout_s": 120, "seed": 1},
-        "training": {"local_steps": 10, "learning_rate": 0.05},
-        "data": {"test_data_dir": str(mnist_dir)},
-        "auth": {"enrollment_tokens": [TOKEN]},
-    })
+    return parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "server": {"address": "127.0.0.1:0", "tls": tls},
+            "federation": {
+                "strategy": "fedavg",
+                "rounds": rounds,
+                "clients_per_round": clients,
+                "min_clients": clients,
+                "min_completed": clients,
+                "round_timeout_s": 120,
+                "seed": 1,
+            },
+            "training": {"local_steps": 10, "learning_rate": 0.05},
+            "data": {"test_data_dir": str(mnist_dir)},
+            "auth": {"enrollment_tokens": [TOKEN]},
+        }
+    )
 
 
 def _join(address: str, credentials: grpc.ChannelCredentials | None, leave: bool = False) -> fleet_pb2.JoinResponse:
@@ -45,7 +55,7 @@ def _join(address: str, credentials: grpc.ChannelCredentials | None, leave: bool
     if credentials is None:
         channel = grpc.insecure_channel(address, options)
     else:
-        channel = grpc.secure_channel(address, credentials, options + [("grpc.ssl_target_name_override", SERVER_NAME)])
+        channel = grpc.secure_channel(address, credentials, [*options, ("grpc.ssl_target_name_override", SERVER_NAME)])
     with channel:
         stub = fleet_pb2_grpc.FleetStub(channel)
         reply = stub.Join(fleet_pb2.JoinRequest(enrollment_token=TOKEN), timeout=10)
@@ -58,10 +68,14 @@ def test_tls_federation_with_real_clients(pki: Pki, mnist_dir: Path, tmp_path: P
     train = load_idx_dataset(mnist_dir, "train")
     shards, _ = write_shards(train, tmp_path / "shards", n_clients=2, alpha=1.0, seed=3, samples_per_class=100)
     config = _config(tmp_path, pki, mnist_dir, mutual=False)
-    with LocalFederation(config, shards, tmp_path,
-                         extra_client_args=["--tls-ca", str(pki.ca_cert), "--tls-server-name", SERVER_NAME],
-                         control_credentials=client_tls_credentials(pki.ca_cert),
-                         control_server_name=SERVER_NAME) as fed:
+    with LocalFederation(
+        config,
+        shards,
+        tmp_path,
+        extra_client_args=["--tls-ca", str(pki.ca_cert), "--tls-server-name", SERVER_NAME],
+        control_credentials=client_tls_credentials(pki.ca_cert),
+        control_server_name=SERVER_NAME,
+    ) as fed:
         fed.start_coordinator()
         # Plaintext to a TLS port fails; TLS with the right CA works.
         with pytest.raises(grpc.RpcError) as err:
@@ -83,17 +97,19 @@ def test_mutual_tls_admits_only_certificates_from_the_configured_ca(pki: Pki, mn
         fed.start_coordinator()
         ok = _join(fed.address, client_tls_credentials(pki.ca_cert, pki.client_cert, pki.client_key))
         assert ok.client_id and ok.credential
-        for creds in (client_tls_credentials(pki.ca_cert),  # no client certificate
-                      client_tls_credentials(pki.ca_cert, pki.rogue_client_cert, pki.rogue_client_key)):
+        for creds in (
+            client_tls_credentials(pki.ca_cert),  # no client certificate
+            client_tls_credentials(pki.ca_cert, pki.rogue_client_cert, pki.rogue_client_key),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 _join(fed.address, creds)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake is refused
 
 
 def test_tls_config_errors_name_the_key(pki: Pki, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="server.tls: .*cert_file and key_file must be given together"):
+    with pytest.raises(ConfigError, match=r"server.tls: .*cert_file and key_file must be given together"):
         parse_config({"server": {"tls": {"cert_file": str(pki.server_cert)}}})
-    with pytest.raises(ConfigError, match="key_file .* is not a readable file"):
+    with pytest.raises(ConfigError, match=r"key_file .* is not a readable file"):
         parse_config({"server": {"tls": {"cert_file": str(pki.server_cert), "key_file": str(tmp_path / "nope.key")}}})
     with pytest.raises(ConfigError, match="client_ca_file \\(mutual TLS\\) needs cert_file"):
         parse_config({"server": {"tls": {"client_ca_file": str(pki.ca_cert)}}})

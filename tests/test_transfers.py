@@ -1,4 +1,5 @@
 """The round's artifacts in every encoding and the per-client plans (fedgen.coordinator.transfers), no network."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,13 @@ def _names(variants: RoundVariants) -> tuple[list[str], list[str]]:
 
 
 def test_fixed_policy_makes_and_plans_only_the_configured_encodings(tmp_path: Path) -> None:
-    planner, blobs, model, generator = _planner(tmp_path, policy="fixed", model_encoding="int8+zstd",
-                                                generator_encoding="int8+zstd", upload_encoding="topk10+zstd")
+    planner, blobs, model, generator = _planner(
+        tmp_path,
+        policy="fixed",
+        model_encoding="int8+zstd",
+        generator_encoding="int8+zstd",
+        upload_encoding="topk10+zstd",
+    )
     variants = planner.prepare(model, [generator])
     assert _names(variants) == (["int8+zstd"], ["int8+zstd"])
     plan = planner.plan("slowpoke", variants)
@@ -61,8 +67,11 @@ def test_adaptive_policy_plans_from_the_declared_then_measured_link(tmp_path: Pa
     planner.estimator.seed("fast", 100e6, 100e6)
     planner.estimator.seed("slow", 0.3e6, 0.3e6)
     fast, slow = planner.plan("fast", variants), planner.plan("slow", variants)
-    assert (fast.model.name, fast.artifacts[GENERATOR_ONNX].name, fast.upload.name) == ("fp32+zstd", "fp32+zstd",
-                                                                                        "fp32")
+    assert (fast.model.name, fast.artifacts[GENERATOR_ONNX].name, fast.upload.name) == (
+        "fp32+zstd",
+        "fp32+zstd",
+        "fp32",
+    )
     assert slow.model.name == "int8+zstd" and slow.upload.sparse
     assert fast.expected_s <= 1.0
     # The fast client's link turns out slow: its next plan follows the measurement.
@@ -71,7 +80,8 @@ def test_adaptive_policy_plans_from_the_declared_then_measured_link(tmp_path: Pa
 
 
 def test_int4_rung_is_skipped_with_a_warning_where_the_quantiser_is_missing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(generator_artifacts, "int4_available", lambda: False)
     planner, _, model, generator = _planner(tmp_path)
     made = _names(planner.prepare(model, [generator]))[1]
@@ -91,12 +101,14 @@ def test_a_delta_upload_is_added_to_the_full_precision_model(tmp_path: Path) -> 
     from fedgen.coordinator.server import build_federation
     from fedgen.export.codec import ErrorFeedback, state_delta
 
-    config = parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 1, "min_clients": 1},
-        "auth": {"enrollment_tokens": ["delta-test-token"]},
-        "bandwidth": {"policy": "fixed", "model_encoding": "int8+zstd", "upload_encoding": "int8+zstd"},
-    })
+    config = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "federation": {"strategy": "fedavg", "rounds": 1, "clients_per_round": 1, "min_clients": 1},
+            "auth": {"enrollment_tokens": ["delta-test-token"]},
+            "bandwidth": {"policy": "fixed", "model_encoding": "int8+zstd", "upload_encoding": "int8+zstd"},
+        }
+    )
 
     async def scenario() -> tuple[dict, dict, dict, dict]:
         fed = await build_federation(config)
@@ -109,14 +121,24 @@ def test_a_delta_upload_is_added_to_the_full_precision_model(tmp_path: Path) -> 
         assert task.model.name == "int8+zstd" and task.upload_encoding.name == "int8+zstd"
         received = decode_state(bundle_from_bytes(fed.blobs.get(task.model.sha256)))
         rng = np.random.default_rng(0)
-        trained = {k: (v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) if v.dtype.kind == "f" else v + 3)
-                   for k, v in received.items()}
-        payload = bundle_to_bytes(ErrorFeedback().encode(state_delta(trained, received),
-                                                         Encoding.parse("int8+zstd"), task.model.sha256))
-        header = UploadHeader(round=0, task_id=task.task_id, idempotency_key="dev-1:k", num_examples=100,
-                              label_counts=(10,) * 10, payload_bytes=len(payload),
-                              payload_sha256=hashlib.sha256(payload).hexdigest(), metrics={"loss": 1.0},
-                              train_seconds=0.1)
+        trained = {
+            k: (v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) if v.dtype.kind == "f" else v + 3)
+            for k, v in received.items()
+        }
+        payload = bundle_to_bytes(
+            ErrorFeedback().encode(state_delta(trained, received), Encoding.parse("int8+zstd"), task.model.sha256)
+        )
+        header = UploadHeader(
+            round=0,
+            task_id=task.task_id,
+            idempotency_key="dev-1:k",
+            num_examples=100,
+            label_counts=(10,) * 10,
+            payload_bytes=len(payload),
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            metrics={"loss": 1.0},
+            train_seconds=0.1,
+        )
         await fed.accept_upload(client_id, header, payload, len(payload))
         await asyncio.wait_for(engine, 60)  # the only client delivered: round 0 commits, the federation ends
         (update,) = await fed.store.updates_for(0, 0)
@@ -145,8 +167,10 @@ def test_a_delta_against_the_held_model_is_offered_and_decodes_to_the_new_model(
     held = planner.plan("slow", first).model  # what the client downloaded in round 0
     assert held.name == "int8+zstd"  # nothing held yet: no delta rung
     torch.manual_seed(1)
-    new_state = {k: (v + np.float32(0.01) if v.dtype.kind == "f" else v + 1)
-                 for k, v in decode_state(bundle_from_bytes(blobs.get(model))).items()}
+    new_state = {
+        k: (v + np.float32(0.01) if v.dtype.kind == "f" else v + 1)
+        for k, v in decode_state(bundle_from_bytes(blobs.get(model))).items()
+    }
     new_model = blobs.put(bundle_to_bytes(encode_state(new_state, Encoding())))
     second = planner.prepare(new_model, [generator])
     plain_int8 = second.model[Encoding.parse("int8+zstd")]

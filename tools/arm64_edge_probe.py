@@ -7,6 +7,7 @@ it times the import of the client, wraps the runner's per-task function with a w
 counts onnxruntime generator loads and runs (with a check of their output), and writes what it saw
 to --report when the client exits. Used by tools/arm64_edge_run.py for both clients alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,13 @@ def main() -> int:
     ours = argparse.ArgumentParser(prog="arm64_edge_probe.py")
     ours.add_argument("--report", required=True)
     args = ours.parse_args(argv[:cut])
-    client_argv = argv[cut + 1:]
+    client_argv = argv[cut + 1 :]
 
     report: dict = {"machine": platform.machine(), "python": platform.python_version(), "rounds": [], "onnx": {}}
     t0 = time.perf_counter()
     import fedgen.edge.cli as cli  # torch, onnxruntime, grpc, numpy, protobuf come with it
     import fedgen.edge.runner as runner
+
     report["import_edge_client_s"] = round(time.perf_counter() - t0, 3)
     report["rss_after_import_kib"] = _vm_kib("VmRSS")
 
@@ -52,8 +54,13 @@ def main() -> int:
     import torch
     from google.protobuf import __version__ as pb_version
 
-    report["versions"] = {"torch": torch.__version__, "onnxruntime": ort.__version__, "grpcio": grpc.__version__,
-                          "protobuf": pb_version, "numpy": np.__version__}
+    report["versions"] = {
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "grpcio": grpc.__version__,
+        "protobuf": pb_version,
+        "numpy": np.__version__,
+    }
     try:
         report["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     except Exception as err:  # older torch
@@ -90,8 +97,14 @@ def main() -> int:
         t = time.perf_counter()
         runs_before = onnx["runs"]
         accepted = orig_task(conn, trainer, task, *a, **kw)
-        report["rounds"].append({"round": int(task.round), "wall_s": round(time.perf_counter() - t, 3),
-                                 "accepted": bool(accepted), "onnx_runs": onnx["runs"] - runs_before})
+        report["rounds"].append(
+            {
+                "round": int(task.round),
+                "wall_s": round(time.perf_counter() - t, 3),
+                "accepted": bool(accepted),
+                "onnx_runs": onnx["runs"] - runs_before,
+            }
+        )
         return accepted
 
     runner._train_and_upload = timed_task  # type: ignore[assignment]

@@ -7,9 +7,11 @@ tools/arm64_edge_probe.py (timers, onnxruntime counters) and /usr/bin/time -v, w
 samples their VmHWM from the host. Then it reads the ledger and writes
 benchmarks/results/arm64_run.json and arm64_run.md. Every wait is bounded.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -42,8 +44,19 @@ def run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------ measurements
-IMPORT_SNIPPET = "import time; t = time.perf_counter(); import fedgen.edge.cli; print(round(time.perf_counter() - t, 3))"
-IMPORTTIME_TOP = ("torch", "onnxruntime", "grpc", "numpy", "google.protobuf", "pydantic", "zstandard", "fedgen.edge.cli")
+IMPORT_SNIPPET = (
+    "import time; t = time.perf_counter(); import fedgen.edge.cli; print(round(time.perf_counter() - t, 3))"
+)
+IMPORTTIME_TOP = (
+    "torch",
+    "onnxruntime",
+    "grpc",
+    "numpy",
+    "google.protobuf",
+    "pydantic",
+    "zstandard",
+    "fedgen.edge.cli",
+)
 
 
 def measure_imports(python: list[str], label: str, cwd: Path) -> dict:
@@ -56,8 +69,10 @@ def measure_imports(python: list[str], label: str, cwd: Path) -> dict:
             raise RuntimeError(f"{label}: import fedgen.edge.cli failed: {res.stderr[-2000:]}")
         out[f"import_s_run{i}"] = float(res.stdout.strip().splitlines()[-1])
         out[f"interpreter_wall_s_run{i}"] = round(time.perf_counter() - t, 3)
-        say(f"   {label}: import fedgen.edge.cli run {i}: {out[f'import_s_run{i}']} s "
-            f"(interpreter start to exit {out[f'interpreter_wall_s_run{i}']} s)")
+        say(
+            f"   {label}: import fedgen.edge.cli run {i}: {out[f'import_s_run{i}']} s "
+            f"(interpreter start to exit {out[f'interpreter_wall_s_run{i}']} s)"
+        )
     res = run([*python, "-X", "importtime", "-c", "import fedgen.edge.cli"], timeout=900, cwd=cwd)
     cumul: dict[str, float] = {}
     for line in res.stderr.splitlines():
@@ -115,10 +130,8 @@ class TreeSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(Exception):  # a process vanished mid-walk
                 self.sample()
-            except Exception:  # a process vanished mid-walk
-                pass
             self._stop.wait(self.period)
 
     def stop(self) -> None:
@@ -155,10 +168,8 @@ def kill_group(proc: subprocess.Popen, name: str) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # ------------------------------------------------------------------------------ main
@@ -174,7 +185,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
     root: Path = args.root
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     run_dir = args.work / f"run-{started:%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True)
     say(f"run folder {run_dir}")
@@ -193,9 +204,27 @@ def main() -> int:
     if (shards / "client-00.npz").exists() and (shards / "client-01.npz").exists():
         say(f"4. shards already in {shards} (skip)")
     else:
-        say(f"4. fedgen partition --data-dir {args.mnist} --out {shards} --clients 2 --alpha 0.5 --samples-per-class 300")
-        res = run([str(HOST_VENV / "bin" / "fedgen"), "partition", "--data-dir", str(args.mnist), "--out", str(shards),
-                   "--clients", "2", "--alpha", "0.5", "--samples-per-class", "300"], timeout=600)
+        say(
+            f"4. fedgen partition --data-dir {args.mnist} --out {shards} --clients 2 --alpha 0.5 "
+            "--samples-per-class 300"
+        )
+        res = run(
+            [
+                str(HOST_VENV / "bin" / "fedgen"),
+                "partition",
+                "--data-dir",
+                str(args.mnist),
+                "--out",
+                str(shards),
+                "--clients",
+                "2",
+                "--alpha",
+                "0.5",
+                "--samples-per-class",
+                "300",
+            ],
+            timeout=600,
+        )
         print(res.stdout, res.stderr, flush=True)
         if res.returncode != 0:
             return 1
@@ -237,10 +266,25 @@ enrollment_tokens = ["{TOKEN}"]
 """)
     port_file = run_dir / "port"
     say(f"   fedgen serve --config {cfg} --port-file {port_file} --exit-when-finished")
-    logs = {name: open(run_dir / f"{name}.log", "w") for name in ("coordinator", "native", "arm64")}
-    coord = subprocess.Popen([str(HOST_VENV / "bin" / "fedgen"), "serve", "--config", str(cfg), "--port-file", str(port_file),
-                              "--exit-when-finished", "--linger-s", "120"],
-                             stdout=logs["coordinator"], stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir)
+    # Closed in the finally below, once every process that writes to them has ended.
+    logs = {name: open(run_dir / f"{name}.log", "w") for name in ("coordinator", "native", "arm64")}  # noqa: SIM115
+    coord = subprocess.Popen(
+        [
+            str(HOST_VENV / "bin" / "fedgen"),
+            "serve",
+            "--config",
+            str(cfg),
+            "--port-file",
+            str(port_file),
+            "--exit-when-finished",
+            "--linger-s",
+            "120",
+        ],
+        stdout=logs["coordinator"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=run_dir,
+    )
     procs: dict[str, subprocess.Popen] = {"coordinator": coord}
     samplers: dict[str, TreeSampler] = {}
     t_fed = time.monotonic()
@@ -256,20 +300,48 @@ enrollment_tokens = ["{TOKEN}"]
 
         # ---- 5. clients
         common = ["--coordinator", f"127.0.0.1:{port}", "--token", TOKEN, "--log-level", "INFO", "--threads", "1"]
-        native_cmd = ["/usr/bin/time", "-v", "-o", str(run_dir / "native-time-v.txt"),
-                      str(HOST_VENV / "bin" / "python"), str(REPO / "tools" / "arm64_edge_probe.py"),
-                      "--report", str(run_dir / "native-probe.json"), "--",
-                      *common, "--data", str(shards / "client-00.npz"), "--client-id", "host-x86_64",
-                      "--cache-dir", str(run_dir / "native-cache")]
-        arm_cmd = in_root(root, "/usr/bin/time", "-v", "-o", "/opt/fedgen-run/arm64-time-v.txt",
-                          "/opt/venv/bin/python", "/opt/fedgen-tools/arm64_edge_probe.py",
-                          "--report", "/opt/fedgen-run/arm64-probe.json", "--",
-                          *common, "--data", "/opt/fedgen-run/client-01.npz", "--client-id", "arm64-pi",
-                          "--cache-dir", "/opt/fedgen-run/cache")
+        native_cmd = [
+            "/usr/bin/time",
+            "-v",
+            "-o",
+            str(run_dir / "native-time-v.txt"),
+            str(HOST_VENV / "bin" / "python"),
+            str(REPO / "tools" / "arm64_edge_probe.py"),
+            "--report",
+            str(run_dir / "native-probe.json"),
+            "--",
+            *common,
+            "--data",
+            str(shards / "client-00.npz"),
+            "--client-id",
+            "host-x86_64",
+            "--cache-dir",
+            str(run_dir / "native-cache"),
+        ]
+        arm_cmd = in_root(
+            root,
+            "/usr/bin/time",
+            "-v",
+            "-o",
+            "/opt/fedgen-run/arm64-time-v.txt",
+            "/opt/venv/bin/python",
+            "/opt/fedgen-tools/arm64_edge_probe.py",
+            "--report",
+            "/opt/fedgen-run/arm64-probe.json",
+            "--",
+            *common,
+            "--data",
+            "/opt/fedgen-run/client-01.npz",
+            "--client-id",
+            "arm64-pi",
+            "--cache-dir",
+            "/opt/fedgen-run/cache",
+        )
         for name, cmd in (("arm64", arm_cmd), ("native", native_cmd)):
             say(f"   starting {name} client: {' '.join(cmd)}")
-            procs[name] = subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True,
-                                           cwd=run_dir)
+            procs[name] = subprocess.Popen(
+                cmd, stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir
+            )
             samplers[name] = TreeSampler(procs[name].pid)
             samplers[name].start()
 
@@ -280,11 +352,16 @@ enrollment_tokens = ["{TOKEN}"]
             if ledger.exists():
                 rows = [json.loads(x) for x in ledger.read_text().splitlines() if x.strip()]
                 for r in rows[seen:]:
-                    per = ", ".join(f"{c['client_id']} {c['outcome']} train {c['train_seconds']:.2f}s "
-                                    f"loss {c['metrics'].get('loss', float('nan')):.3f} "
-                                    f"reg {c['metrics'].get('regulariser', float('nan')):.3f}" for c in r["clients"])
-                    say(f"   round {r['round']} committed in {r['round_seconds']:.1f}s, "
-                        f"test accuracy {r['test_accuracy']:.3f}: {per}")
+                    per = ", ".join(
+                        f"{c['client_id']} {c['outcome']} train {c['train_seconds']:.2f}s "
+                        f"loss {c['metrics'].get('loss', float('nan')):.3f} "
+                        f"reg {c['metrics'].get('regulariser', float('nan')):.3f}"
+                        for c in r["clients"]
+                    )
+                    say(
+                        f"   round {r['round']} committed in {r['round_seconds']:.1f}s, "
+                        f"test accuracy {r['test_accuracy']:.3f}: {per}"
+                    )
                 seen = len(rows)
             if coord.poll() is not None:
                 break
@@ -317,8 +394,11 @@ enrollment_tokens = ["{TOKEN}"]
     for name in ("arm64-probe.json", "arm64-time-v.txt"):
         if (arm_run / name).exists():
             shutil.copy2(arm_run / name, run_dir / name)
-    ledger_rows = [json.loads(x) for x in (state_dir / "ledger.jsonl").read_text().splitlines() if x.strip()] \
-        if (state_dir / "ledger.jsonl").exists() else []
+    ledger_rows = (
+        [json.loads(x) for x in (state_dir / "ledger.jsonl").read_text().splitlines() if x.strip()]
+        if (state_dir / "ledger.jsonl").exists()
+        else []
+    )
     probes = {}
     for name in ("native", "arm64"):
         path = run_dir / f"{name}-probe.json"
@@ -340,27 +420,51 @@ enrollment_tokens = ["{TOKEN}"]
 
     rows: list[dict] = []
     for r in ledger_rows:
-        rows.append({
-            "kind": "round", "round": r["round"], "round_seconds": r["round_seconds"], "wait_seconds": r["wait_seconds"],
-            "aggregate_seconds": r["aggregate_seconds"], "evaluate_seconds": r["evaluate_seconds"],
-            "completed": r["completed"], "dropped": r["dropped"], "rejected": r["rejected"],
-            "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
-            "generator_seconds": r["extras"].get("generator_seconds"),
-            "generator_onnx_bytes": r["extras"].get("generator_onnx_bytes"),
-            "bytes_down": r["bytes_down"], "bytes_up": r["bytes_up"],
-        })
+        rows.append(
+            {
+                "kind": "round",
+                "round": r["round"],
+                "round_seconds": r["round_seconds"],
+                "wait_seconds": r["wait_seconds"],
+                "aggregate_seconds": r["aggregate_seconds"],
+                "evaluate_seconds": r["evaluate_seconds"],
+                "completed": r["completed"],
+                "dropped": r["dropped"],
+                "rejected": r["rejected"],
+                "test_accuracy": r["test_accuracy"],
+                "test_loss": r["test_loss"],
+                "generator_seconds": r["extras"].get("generator_seconds"),
+                "generator_onnx_bytes": r["extras"].get("generator_onnx_bytes"),
+                "bytes_down": r["bytes_down"],
+                "bytes_up": r["bytes_up"],
+            }
+        )
         for c in r["clients"]:
             name = next((n for n, cid in client_of.items() if cid == c["client_id"]), "?")
             wall = next((x["wall_s"] for x in probes.get(name, {}).get("rounds", []) if x["round"] == r["round"]), None)
-            onnx_runs = next((x["onnx_runs"] for x in probes.get(name, {}).get("rounds", []) if x["round"] == r["round"]), None)
+            onnx_runs = next(
+                (x["onnx_runs"] for x in probes.get(name, {}).get("rounds", []) if x["round"] == r["round"]), None
+            )
             m = c["metrics"]
-            rows.append({
-                "kind": "client_round", "round": r["round"], "client_id": c["client_id"], "arch": arch_of.get(name, "?"),
-                "outcome": c["outcome"], "num_examples": c["num_examples"], "train_seconds": round(c["train_seconds"], 3),
-                "client_wall_s": wall, "loss": m.get("loss"), "regulariser": m.get("regulariser"),
-                "accuracy": m.get("accuracy"), "steps": m.get("steps"), "onnx_generator_runs": onnx_runs,
-                "bytes_down": c["bytes_down"], "bytes_up": c["bytes_up"],
-            })
+            rows.append(
+                {
+                    "kind": "client_round",
+                    "round": r["round"],
+                    "client_id": c["client_id"],
+                    "arch": arch_of.get(name, "?"),
+                    "outcome": c["outcome"],
+                    "num_examples": c["num_examples"],
+                    "train_seconds": round(c["train_seconds"], 3),
+                    "client_wall_s": wall,
+                    "loss": m.get("loss"),
+                    "regulariser": m.get("regulariser"),
+                    "accuracy": m.get("accuracy"),
+                    "steps": m.get("steps"),
+                    "onnx_generator_runs": onnx_runs,
+                    "bytes_down": c["bytes_down"],
+                    "bytes_up": c["bytes_up"],
+                }
+            )
     for name in ("native", "arm64"):
         pr, tv, sm = probes[name], timev[name], samplers.get(name)
         walls = [x["wall_s"] for x in pr.get("rounds", [])]
@@ -368,37 +472,58 @@ enrollment_tokens = ["{TOKEN}"]
         # Round 0 carries the first-call costs (allocator, oneDNN/kernels) and has no regulariser:
         # the steady state is rounds >= 1.
         walls1 = [x["wall_s"] for x in pr.get("rounds", []) if x["round"] >= 1]
-        trains1 = [c["train_seconds"] for r in ledger_rows if r["round"] >= 1 for c in r["clients"]
-                   if c["client_id"] == client_of[name]]
+        trains1 = [
+            c["train_seconds"]
+            for r in ledger_rows
+            if r["round"] >= 1
+            for c in r["clients"]
+            if c["client_id"] == client_of[name]
+        ]
         onnx = pr.get("onnx", {})
-        rows.append({
-            "kind": "client_summary", "client_id": client_of[name], "arch": arch_of[name],
-            "emulated": name == "arm64", "exit_code": pr.get("exit_code", procs[name].returncode if name in procs else None),
-            "rounds_trained": len(walls),
-            "mean_client_wall_s_per_round": round(sum(walls) / len(walls), 3) if walls else None,
-            "mean_train_seconds": round(sum(trains) / len(trains), 3) if trains else None,
-            "mean_client_wall_s_round1plus": round(sum(walls1) / len(walls1), 3) if walls1 else None,
-            "mean_train_seconds_round1plus": round(sum(trains1) / len(trains1), 3) if trains1 else None,
-            "round0_client_wall_s": next((x["wall_s"] for x in pr.get("rounds", []) if x["round"] == 0), None),
-            "client_wall_s_total": pr.get("client_wall_s"),
-            "import_edge_client_s_in_client": pr.get("import_edge_client_s"),
-            "import_edge_client_s_run1": imports[name].get("import_s_run1"),
-            "import_edge_client_s_run2": imports[name].get("import_s_run2"),
-            "interpreter_wall_s_run2": imports[name].get("interpreter_wall_s_run2"),
-            **{f"importtime_{k.replace('.', '_')}_s": v for k, v in imports[name].get("importtime_cumulative_s", {}).items()},
-            "peak_rss_mib_time_v": round(tv["time_v_max_rss_kib"] / 1024, 1) if "time_v_max_rss_kib" in tv else None,
-            "peak_rss_mib_ru_maxrss": round(pr["ru_maxrss_kib"] / 1024, 1) if pr.get("ru_maxrss_kib") else None,
-            "peak_vmhwm_mib_host_sampled": round(sm.max_hwm_kib / 1024, 1) if sm else None,
-            "rss_after_import_mib": round(pr["rss_after_import_kib"] / 1024, 1) if pr.get("rss_after_import_kib") else None,
-            "cpu_user_s": tv.get("time_v_user_s"), "cpu_sys_s": tv.get("time_v_sys_s"),
-            "process_elapsed_s": tv.get("time_v_elapsed_s"),
-            "onnx_generator_loads": onnx.get("loads"), "onnx_generator_runs": onnx.get("runs"),
-            "onnx_run_seconds": onnx.get("run_seconds"), "onnx_providers": ",".join(onnx.get("providers") or []),
-            "onnx_latents_finite": onnx.get("finite"), "onnx_latent_abs_mean": onnx.get("latent_abs_mean"),
-            "torch_cpu_capability": pr.get("torch_cpu_capability"),
-            "torch_nnpack_available": pr.get("torch_nnpack_available"),
-            **{f"version_{k}": v for k, v in pr.get("versions", {}).items()},
-        })
+        rows.append(
+            {
+                "kind": "client_summary",
+                "client_id": client_of[name],
+                "arch": arch_of[name],
+                "emulated": name == "arm64",
+                "exit_code": pr.get("exit_code", procs[name].returncode if name in procs else None),
+                "rounds_trained": len(walls),
+                "mean_client_wall_s_per_round": round(sum(walls) / len(walls), 3) if walls else None,
+                "mean_train_seconds": round(sum(trains) / len(trains), 3) if trains else None,
+                "mean_client_wall_s_round1plus": round(sum(walls1) / len(walls1), 3) if walls1 else None,
+                "mean_train_seconds_round1plus": round(sum(trains1) / len(trains1), 3) if trains1 else None,
+                "round0_client_wall_s": next((x["wall_s"] for x in pr.get("rounds", []) if x["round"] == 0), None),
+                "client_wall_s_total": pr.get("client_wall_s"),
+                "import_edge_client_s_in_client": pr.get("import_edge_client_s"),
+                "import_edge_client_s_run1": imports[name].get("import_s_run1"),
+                "import_edge_client_s_run2": imports[name].get("import_s_run2"),
+                "interpreter_wall_s_run2": imports[name].get("interpreter_wall_s_run2"),
+                **{
+                    f"importtime_{k.replace('.', '_')}_s": v
+                    for k, v in imports[name].get("importtime_cumulative_s", {}).items()
+                },
+                "peak_rss_mib_time_v": round(tv["time_v_max_rss_kib"] / 1024, 1)
+                if "time_v_max_rss_kib" in tv
+                else None,
+                "peak_rss_mib_ru_maxrss": round(pr["ru_maxrss_kib"] / 1024, 1) if pr.get("ru_maxrss_kib") else None,
+                "peak_vmhwm_mib_host_sampled": round(sm.max_hwm_kib / 1024, 1) if sm else None,
+                "rss_after_import_mib": round(pr["rss_after_import_kib"] / 1024, 1)
+                if pr.get("rss_after_import_kib")
+                else None,
+                "cpu_user_s": tv.get("time_v_user_s"),
+                "cpu_sys_s": tv.get("time_v_sys_s"),
+                "process_elapsed_s": tv.get("time_v_elapsed_s"),
+                "onnx_generator_loads": onnx.get("loads"),
+                "onnx_generator_runs": onnx.get("runs"),
+                "onnx_run_seconds": onnx.get("run_seconds"),
+                "onnx_providers": ",".join(onnx.get("providers") or []),
+                "onnx_latents_finite": onnx.get("finite"),
+                "onnx_latent_abs_mean": onnx.get("latent_abs_mean"),
+                "torch_cpu_capability": pr.get("torch_cpu_capability"),
+                "torch_nnpack_available": pr.get("torch_nnpack_available"),
+                **{f"version_{k}": v for k, v in pr.get("versions", {}).items()},
+            }
+        )
 
     # ---- checks: what worked
     arm_sum = next(r for r in rows if r["kind"] == "client_summary" and r["client_id"] == "arm64-pi")
@@ -407,13 +532,14 @@ enrollment_tokens = ["{TOKEN}"]
     checks = {
         "arm64 root python platform.machine() == aarch64": arm_machine == "aarch64",
         "federation committed all rounds": len(ledger_rows) == args.rounds,
-        "arm64 client completed every round": len(arm_rounds) == args.rounds and all(r["outcome"] == "completed" for r in arm_rounds),
+        "arm64 client completed every round": len(arm_rounds) == args.rounds
+        and all(r["outcome"] == "completed" for r in arm_rounds),
         "arm64 client exited 0 after DONE": arm_sum["exit_code"] == 0,
         "native client exited 0 after DONE": nat_sum["exit_code"] == 0,
-        "arm64 ONNX generator ran in onnxruntime (rounds >= 1)":
-            bool(arm_sum["onnx_generator_runs"]) and all((r["onnx_generator_runs"] or 0) > 0 for r in arm_rounds if r["round"] >= 1),
-        "arm64 regulariser > 0 from round 1 on (ledger)":
-            bool(arm_rounds) and all((r["regulariser"] or 0) > 0 for r in arm_rounds if r["round"] >= 1),
+        "arm64 ONNX generator ran in onnxruntime (rounds >= 1)": bool(arm_sum["onnx_generator_runs"])
+        and all((r["onnx_generator_runs"] or 0) > 0 for r in arm_rounds if r["round"] >= 1),
+        "arm64 regulariser > 0 from round 1 on (ledger)": bool(arm_rounds)
+        and all((r["regulariser"] or 0) > 0 for r in arm_rounds if r["round"] >= 1),
         "arm64 generator latents finite": bool(arm_sum["onnx_latents_finite"]),
     }
     for k, v in checks.items():
@@ -421,16 +547,28 @@ enrollment_tokens = ["{TOKEN}"]
 
     freeze = args.pip_freeze.read_text().split() if args.pip_freeze and args.pip_freeze.exists() else []
     qemu = run(["qemu-aarch64-static", "--version"], timeout=30).stdout.splitlines()[0]
-    binfmt = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").read_text().split("\n") \
-        if Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
+    binfmt = (
+        Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").read_text().split("\n")
+        if Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists()
+        else []
+    )
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
     machine = {
-        "host": f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), shared with other jobs",
+        "host": f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), "
+        "shared with other jobs",
         "host_python": platform.python_version(),
         "arm64": f"Debian bookworm arm64 root at {root} (debootstrap), chroot; uname -m in root: {uname_root}; "
-                 f"{qemu}, user-mode emulation via binfmt_misc ({', '.join(x for x in binfmt if x.startswith('flags'))})",
-        "arm64_pip_freeze": [x for x in freeze if re.match(r"(?i)(torch|onnxruntime|grpcio|protobuf|numpy|pydantic|zstandard|fedgen)", x)],
+        f"{qemu}, user-mode emulation via binfmt_misc ({', '.join(x for x in binfmt if x.startswith('flags'))})",
+        "arm64_pip_freeze": [
+            x for x in freeze if re.match(r"(?i)(torch|onnxruntime|grpcio|protobuf|numpy|pydantic|zstandard|fedgen)", x)
+        ],
         "arm64_pydantic_absent": not any(x.lower().startswith("pydantic") for x in freeze),
         "run_dir": str(run_dir),
         "federation_wall_s": round(fed_wall, 1),
@@ -444,10 +582,16 @@ enrollment_tokens = ["{TOKEN}"]
         for key, name in (("arm64_venv_mib", "arm64-venv-mib.txt"), ("arm64_root_mib", "arm64-root-mib.txt")):
             if (args.diag_dir / name).exists():
                 setup[key] = int((args.diag_dir / name).read_text().strip())
-        for key, name in (("import_onnxruntime_with_host_sys", "ort-import-with-sys.txt"),
-                          ("import_onnxruntime_without_sys", "ort-import-without-sys.txt")):
+        for key, name in (
+            ("import_onnxruntime_with_host_sys", "ort-import-with-sys.txt"),
+            ("import_onnxruntime_without_sys", "ort-import-without-sys.txt"),
+        ):
             path = args.diag_dir / name
-            diag[key] = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else None
+            diag[key] = (
+                [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+                if path.exists()
+                else None
+            )
     machine["arm64_setup"] = setup  # seconds of each setup step when it last ran; venv / root sizes
     unpinned = {}
     if args.diag_dir and (args.diag_dir / "unpinned-torch.json").exists():
@@ -456,8 +600,11 @@ enrollment_tokens = ["{TOKEN}"]
             md = item.get("metadata", {})
             if md.get("name", "").lower() == "torch":
                 reqs = [r for r in md.get("requires_dist", []) if "extra ==" not in r]
-                unpinned = {"version": md.get("version"), "url": item.get("download_info", {}).get("url", ""),
-                            "cuda_requirements": [r for r in reqs if re.search(r"cuda|nvidia|triton", r, re.I)]}
+                unpinned = {
+                    "version": md.get("version"),
+                    "url": item.get("download_info", {}).get("url", ""),
+                    "cuda_requirements": [r for r in reqs if re.search(r"cuda|nvidia|triton", r, re.I)],
+                }
     machine["unpinned_pip_install_torch_on_aarch64"] = unpinned
     result = {
         "command": f"ROUNDS={args.rounds} bash tools/arm64_edge_run.sh  # as root",
@@ -495,19 +642,25 @@ def render_md(res: dict, nat: dict, arm: dict) -> str:
         "natively and `arm64-pi` in the arm64 root under qemu-user. Shards from `fedgen partition --clients 2",
         "--alpha 0.5 --samples-per-class 300` on full MNIST. 20 local steps of batch 32 per round, 1 torch thread.",
         "",
-        "Setup (seconds when each step last ran; sizes now): " + (", ".join(f"{k} {v}" for k, v in m.get("arm64_setup", {}).items()) or "-") + ".",
+        "Setup (seconds when each step last ran; sizes now): "
+        + (", ".join(f"{k} {v}" for k, v in m.get("arm64_setup", {}).items()) or "-")
+        + ".",
         "",
         "## Per round and client (coordinator's ledger; wall = the client's whole task: fetch, train, upload)",
         "",
-        "| round | client | arch | outcome | train s | client wall s | loss | regulariser | ONNX runs | bytes down | bytes up | test acc |",
+        "| round | client | arch | outcome | train s | client wall s | loss | regulariser | ONNX runs | bytes down "
+        "| bytes up | test acc |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     acc = {r["round"]: r["test_accuracy"] for r in res["rows"] if r["kind"] == "round"}
     for r in res["rows"]:
         if r["kind"] == "client_round":
-            lines.append(f"| {r['round']} | {r['client_id']} | {r['arch']} | {r['outcome']} | {_f(r['train_seconds'])} | "
-                         f"{_f(r['client_wall_s'])} | {_f(r['loss'], 3)} | {_f(r['regulariser'], 3)} | "
-                         f"{_f(r['onnx_generator_runs'])} | {r['bytes_down']:,} | {r['bytes_up']:,} | {_f(acc.get(r['round']), 3)} |")
+            lines.append(
+                f"| {r['round']} | {r['client_id']} | {r['arch']} | {r['outcome']} | {_f(r['train_seconds'])} | "
+                f"{_f(r['client_wall_s'])} | {_f(r['loss'], 3)} | {_f(r['regulariser'], 3)} | "
+                f"{_f(r['onnx_generator_runs'])} | {r['bytes_down']:,} | {r['bytes_up']:,} | "
+                f"{_f(acc.get(r['round']), 3)} |"
+            )
     lines += [
         "",
         "## Per client",
@@ -540,7 +693,9 @@ def render_md(res: dict, nat: dict, arm: dict) -> str:
         ("onnx_run_seconds", "seconds inside onnxruntime"),
     ):
         nd = 4 if key == "onnx_run_seconds" else 2
-        lines.append(f"| {label} | {_f(nat.get(key), nd)} | {_f(arm.get(key), nd)} | {ratio(arm.get(key), nat.get(key))} |")
+        lines.append(
+            f"| {label} | {_f(nat.get(key), nd)} | {_f(arm.get(key), nd)} | {ratio(arm.get(key), nat.get(key))} |"
+        )
     lines += [
         f"| onnxruntime providers | {nat.get('onnx_providers')} | {arm.get('onnx_providers')} | |",
         f"| torch CPU capability | {nat.get('torch_cpu_capability')} | {arm.get('torch_cpu_capability')} | |",
@@ -586,7 +741,12 @@ def render_md(res: dict, nat: dict, arm: dict) -> str:
             "## What an unpinned `pip install .` would take for torch on aarch64",
             "",
             f"With nothing installed first, pip resolves pyproject's torch range on aarch64 to torch {unp['version']}",
-            f"(`{wheel}`)" + (", a CUDA build, whose requirements pull in:" if unp["cuda_requirements"] else ", with no CUDA requirements."),
+            f"(`{wheel}`)"
+            + (
+                ", a CUDA build, whose requirements pull in:"
+                if unp["cuda_requirements"]
+                else ", with no CUDA requirements."
+            ),
             "",
             *[f"- `{r}`" for r in unp["cuda_requirements"]],
             "",

@@ -4,6 +4,7 @@ Run with the pinned generators (see pyproject's `dev` extra):
     python tools/gen_protos.py [--out DIR]
 The test suite regenerates into a temporary folder and diffs (tests/test_protos.py).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ The demo and tests then need no download. Output is byte-for-byte reproducible: 
 indices (kept in source-file order), standard IDX headers, and gzip with mtime=0 and no file name.
     python tools/make_mnist_subset.py --source ../shared/data/mnist --out fedcore/datasets/mnist_subset
 """
+
 from __future__ import annotations
 
 import argparse

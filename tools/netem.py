@@ -10,9 +10,11 @@ It runs its own asyncio loop in a thread, so synchronous tests and benchmarks ca
     with TcpProxy(("127.0.0.1", port), down=Shape(5e6, 0.02)) as proxy:
         connect clients to f"127.0.0.1:{proxy.port}"; later read proxy.bytes_down
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -41,8 +43,14 @@ class Cut:
 
 
 class TcpProxy:
-    def __init__(self, target: tuple[str, int], down: Shape = Shape(), up: Shape = Shape(),
-                 cut: Cut | None = None, listen_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        down: Shape = Shape(),
+        up: Shape = Shape(),
+        cut: Cut | None = None,
+        listen_host: str = "127.0.0.1",
+    ) -> None:
         self.target = target
         self.shapes = {"down": down, "up": up}
         self.cut = cut
@@ -84,7 +92,7 @@ class TcpProxy:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         self.start()
         return self
 
@@ -119,8 +127,14 @@ class TcpProxy:
             for w in (client_w, server_w):
                 self._writers.discard(w)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str,
-                    state: dict[str, int], both: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        direction: str,
+        state: dict[str, int],
+        both: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
         shape = self.shapes[direction]
         queue: asyncio.Queue[tuple[float, bytes] | str] = asyncio.Queue()
         deliver = asyncio.create_task(self._deliver(queue, writer, both))
@@ -132,8 +146,12 @@ class TcpProxy:
                 if not data:
                     break
                 cut = self.cut
-                if cut is not None and cut.direction == direction and self.cuts_done < cut.connections \
-                        and state[direction] + len(data) >= cut.after_bytes:
+                if (
+                    cut is not None
+                    and cut.direction == direction
+                    and self.cuts_done < cut.connections
+                    and state[direction] + len(data) >= cut.after_bytes
+                ):
                     data = data[: max(cut.after_bytes - state[direction], 0)]
                     self.cuts_done += 1
                     end = "cut"
@@ -160,8 +178,11 @@ class TcpProxy:
             await deliver
 
     @staticmethod
-    async def _deliver(queue: asyncio.Queue[tuple[float, bytes] | str], writer: asyncio.StreamWriter,
-                       both: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+    async def _deliver(
+        queue: asyncio.Queue[tuple[float, bytes] | str],
+        writer: asyncio.StreamWriter,
+        both: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
         """Writes each piece when the emulated link delivers it; then half-closes on EOF, or
         aborts the whole connection (RST both ways) on a cut."""
         while True:
@@ -185,7 +206,5 @@ class TcpProxy:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 w.transport.abort()
         else:
-            try:
+            with contextlib.suppress(OSError, RuntimeError):
                 writer.write_eof()
-            except (OSError, RuntimeError):
-                pass
