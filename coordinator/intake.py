@@ -157,7 +157,8 @@ class UploadIntake:
         r.pending.pop(client_id).set_result(update)
         r.accepted[client_id] = update
         r.rejected.pop(client_id, None)  # a corrected retry within the round replaces a rejection
-        _LOGGER.info("[Fleet.UploadUpdate] round %d: accepted update from %s (%d bytes)", r.round, client_id, bytes_up)
+        # One line per round says how many were accepted; one per update is for debugging.
+        _LOGGER.debug("[Fleet.UploadUpdate] round %d: accepted update from %s (%d bytes)", r.round, client_id, bytes_up)
         self._bus.emit(
             Event("accepted", r.round, client_id, cohort_size=len(r.cohort), updates_received=len(r.accepted))
         )

@@ -59,6 +59,9 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         # Accept the clients' 30 s keepalive pings instead of answering GOAWAY(too_many_pings).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
+        # The window a client may send on a stream before the server reads: a whole update of the
+        # built-in model (107 KB) arrives without waiting for a window update from a busy server.
+        ("grpc.http2.lookahead_bytes", 256 * 1024),
     ]
 
 
