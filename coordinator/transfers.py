@@ -21,6 +21,7 @@ from fedgen.coordinator.store import BlobStore
 from fedgen.coordinator.strategy import ArtifactSpec
 from fedgen.core.transport import wire_bytes
 from fedgen.export.codec import (
+    CodecError,
     Encoding,
     State,
     apply_delta,
@@ -161,7 +162,12 @@ class TransferPlanner:
         variants = RoundVariants(model_sha=model_sha)
         for encoding in self._choices(self.config.model_ladder, self.config.model_encoding):
             # A delta is made per client when it polls; its plain encoding is the fallback.
-            variants.model[encoding.plain()] = self._model_variant(model_sha, encoding.plain())
+            try:
+                variants.model[encoding.plain()] = self._model_variant(model_sha, encoding.plain())
+            except CodecError as err:  # e.g. a value beyond float16's range: that rung sits this round out
+                _LOGGER.warning("model encoding %s skipped this round: %s", encoding.plain(), err)
+        if not variants.model:  # fp32 holds any finite model
+            variants.model[_FP32] = self._model_variant(model_sha, _FP32)
         for artifact in artifacts:
             spec = self.specs[artifact.kind]
             made = variants.artifacts[artifact.kind] = {}
@@ -184,14 +190,18 @@ class TransferPlanner:
         rungs = []
         for encoding in self._choices(self.config.model_ladder, self.config.model_encoding):
             if encoding.delta:
-                delta = self.delta_variant(variants.model_sha, held, encoding) if held else None
+                try:
+                    delta = self.delta_variant(variants.model_sha, held, encoding) if held else None
+                except CodecError as err:
+                    _LOGGER.warning("model encoding %s skipped for this client: %s", encoding, err)
+                    delta = None
                 if delta is not None:
                     rungs.append(delta)
-                elif not self.adaptive:  # fixed policy: the plain encoding when nothing is held
+                elif not self.adaptive and encoding.plain() in variants.model:  # fixed: the plain one instead
                     rungs.append(variants.model[encoding.plain()])
-            else:
+            elif encoding in variants.model:  # absent: this rung cannot hold this round's model
                 rungs.append(variants.model[encoding])
-        return rungs
+        return rungs or list(variants.model.values())
 
     # --------------------------------------------------------------- plans
     def _upload_size(self, encoding: Encoding) -> int:

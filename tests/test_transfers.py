@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from fedgen.coordinator.config import FedGenConfig, TrainingConfig, parse_config
-from fedgen.coordinator.evaluation import classifier_contract
+from fedgen.coordinator.evaluation import task_contract
 from fedgen.coordinator.fedgen import GENERATOR_ONNX, FedGen
 from fedgen.coordinator.file_blobs import FileBlobStore
 from fedgen.coordinator.generator import Generator, GeneratorConfig
 from fedgen.coordinator.records import ArtifactRecord
 from fedgen.coordinator.transfers import RoundVariants, TransferPlanner
 from fedgen.core.models import Classifier, state_to_numpy
+from fedgen.core.task import prepare
 from fedgen.edge.generator_runtime import OnnxGenerator
 from fedgen.export import generator_artifacts
 from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
@@ -25,8 +26,10 @@ from fedgen.export.onnx_export import export_generator_onnx
 def _planner(tmp_path: Path, **bandwidth: object) -> tuple[TransferPlanner, FileBlobStore, str, ArtifactRecord]:
     blobs = FileBlobStore(tmp_path / "blobs")
     config = parse_config({"bandwidth": bandwidth})
-    specs = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), config.bandwidth).artifact_specs()
-    planner = TransferPlanner(config.bandwidth, blobs, classifier_contract().tensor_shapes(), specs)
+    specs = FedGen(
+        TrainingConfig(), FedGenConfig(device="cpu"), task_contract(prepare("mnist")), config.bandwidth
+    ).artifact_specs()
+    planner = TransferPlanner(config.bandwidth, blobs, task_contract(prepare("mnist")).tensor_shapes(), specs)
     torch.manual_seed(0)
     model = blobs.put(bundle_to_bytes(encode_state(state_to_numpy(Classifier()), Encoding())))
     onnx = export_generator_onnx(Generator(), GeneratorConfig().to_dict())
@@ -186,3 +189,19 @@ def test_a_delta_against_the_held_model_is_offered_and_decodes_to_the_new_model(
     assert err_delta < err_plain  # closer to the coordinator's model than a fresh int8 copy
     # A model the planner cannot rebuild (e.g. from before a restart) gets no delta.
     assert planner.plan("slow", second, held=["f" * 64]).model.name == "int8+zstd"
+
+
+def test_a_model_that_an_encoding_cannot_hold_skips_that_rung(tmp_path: Path) -> None:
+    """A diverged model (a BatchNorm variance beyond float16's range) must not stop the round: the
+    fp16 rungs sit it out, the others carry it, and a fixed fp16 policy falls back to fp32."""
+    state = state_to_numpy(Classifier())
+    state["body.bn1.running_var"][:] = 5.1e6
+    for policy in ({"policy": "adaptive"}, {"policy": "fixed", "model_encoding": "fp16+zstd"}):
+        planner, blobs, _, generator = _planner(tmp_path / policy["policy"], **policy)
+        model = blobs.put(bundle_to_bytes(encode_state(state, Encoding())))
+        variants = planner.prepare(model, [generator])
+        assert "fp16+zstd" not in _names(variants)[0]
+        assert planner.plan("c", variants).model.name in ("fp32+zstd", "int8+zstd", "fp32")
+    planner, blobs, _, generator = _planner(tmp_path / "fixed16", policy="fixed", model_encoding="fp16")
+    model = blobs.put(bundle_to_bytes(encode_state(state, Encoding())))
+    assert planner.plan("c", planner.prepare(model, [generator])).model.name == "fp32"
