@@ -18,9 +18,11 @@ except ImportError as _missing:  # the base install is the edge client; the coor
         f"fedgen: {_missing.name} is missing: the coordinator needs its extra, "
         "pip install 'fedgen-edge[coordinator]' (or pip install '.[coordinator]' from a checkout)"
     ) from None
+from fedgen.coordinator.engine import TaskMismatch
 from fedgen.coordinator.sqlite_store import StoreError
 from fedgen.core.data import DataError
 from fedgen.core.files import atomic_write
+from fedgen.core.task import TaskError
 
 _LOGGER = logging.getLogger("fedgen.coordinator")
 #: Libraries that chat at INFO about things an operator need not see (quantiser steps, gRPC internals).
@@ -86,7 +88,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_serve(config, args.port_file, args.linger_s, args.exit_when_finished))
-    except (OSError, ValueError, StoreError, DataError) as err:
+    except (TaskError, DataError, TaskMismatch) as err:  # the task, its data or the state folder does not fit
+        print(f"fedgen serve: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, StoreError) as err:
         print(f"fedgen serve: {err}", file=sys.stderr)
         return 1
 
@@ -94,13 +99,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- partition
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedgen.coordinator.local import write_shards
-    from fedgen.core.data import DataError, builtin_data_dir, describe_histogram, load_idx_dataset
+    from fedgen.core.data import describe_histogram
+    from fedgen.core.task import prepare
 
     try:
-        data_dir = args.data_dir or builtin_data_dir()
-        train = load_idx_dataset(data_dir, "train")
+        task = prepare(args.task)
+        source = str(args.data_dir) if args.data_dir else "builtin"
+        train = task.check(task.task.read_source(source, "train"), f"task {task.task.name!r} data in {source}")
         paths, hist = write_shards(train, args.out, args.clients, args.alpha, args.seed, args.samples_per_class)
-    except (DataError, ValueError) as err:
+    except (TaskError, DataError, ValueError) as err:
         print(f"fedgen partition: {err}", file=sys.stderr)
         return 2
     print(describe_histogram(hist))
@@ -133,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     part = sub.add_parser("partition", help="split a dataset into per-client shard files (Dirichlet label skew)")
-    part.add_argument("--data-dir", type=Path, help="folder with IDX files (default: the shipped MNIST subset)")
+    part.add_argument("--task", default="mnist", help="the task whose data this is (name or package.module:Class)")
+    part.add_argument("--data-dir", type=Path, help="what the task reads its data from (default: the task's own)")
     part.add_argument("--out", type=Path, required=True)
     part.add_argument("--clients", type=int, default=10)
     part.add_argument("--alpha", type=float, default=0.1)
@@ -143,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     part.set_defaults(func=cmd_partition)
 
     from fedgen.coordinator.demo import add_demo_parser
+    from fedgen.coordinator.export_cli import add_export_parser
 
     add_demo_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

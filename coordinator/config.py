@@ -146,12 +146,27 @@ class FedGenConfig(_Section):
     generative_beta: float = Field(10.0, ge=0)
     generative_decay: float = Field(0.98, gt=0, le=1)
     gen_batch_size: int = Field(32, ge=1, le=65_536)
+    # The generator's hidden layers and noise size; unset = the task's hint (MNIST: [256] and 32).
+    hidden_dims: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] | None = Field(None, min_length=1, max_length=16)
+    noise_dim: int | None = Field(None, ge=1, le=65_536)
+
+
+class TaskConfig(_Section):
+    """The model and data being federated (``fedgen.core.task``): a built-in task's name or an
+    import path ``package.module:Class``; every client must run the same task and version."""
+
+    name: str = Field("mnist", min_length=1, max_length=300)
+    # A model trained before (a .pt state dict or a TensorBundle): round 0 starts from it, checked
+    # against the task's state spec at start-up. Used only when the state folder holds no federation.
+    warm_start: str | None = None
 
 
 class DataConfig(_Section):
-    # Folder with the standard IDX test files; "builtin" = the MNIST subset shipped in the package.
+    # What the task reads its held-out set from: for the image tasks a folder with the standard
+    # IDX (or CIFAR-10 binary) test files; "builtin" = the MNIST subset shipped in the package.
     test_data_dir: str = "builtin"
-    n_classes: int = Field(10, ge=2, le=1000)
+    # Optional: when given, it must equal the task's number of classes (a check, not a setting).
+    n_classes: int | None = Field(None, ge=2, le=100_000)
     # Evaluate the global model every this many rounds (and always on the last).
     evaluate_every: int = Field(1, ge=1)
 
@@ -298,6 +313,7 @@ class CoordinatorConfig(_Section):
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
     fedgen: FedGenConfig = FedGenConfig()
+    task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
     auth: AuthConfig = AuthConfig()
     bandwidth: BandwidthConfig = BandwidthConfig()

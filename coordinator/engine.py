@@ -8,12 +8,13 @@ brings its parameters, artifacts and metrics, the model contract its spec and it
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from fedgen.coordinator.config import CoordinatorConfig
@@ -26,6 +27,7 @@ from fedgen.coordinator.rounds import OpenRound
 from fedgen.coordinator.store import BlobStore, StateStore
 from fedgen.coordinator.strategy import ClientResult, Strategy
 from fedgen.coordinator.transfers import RoundVariants, TransferPlanner
+from fedgen.core.task import TaskIdentity
 from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 
 _LOGGER = logging.getLogger(__name__)
@@ -33,6 +35,10 @@ _LOGGER = logging.getLogger(__name__)
 FederationStateName = Literal["waiting_for_clients", "training", "paused", "finished"]
 #: Longest the engine sleeps without looking at the clock (deadlines, heartbeat horizons).
 TICK_S = 1.0
+
+
+class TaskMismatch(ValueError):
+    """The state folder holds a federation of another task (or another version of it)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class FederationStatus:
     updates_received: int
     strategy: str
     last_accuracy: float
+    task: TaskIdentity
 
 
 class RoundEngine:
@@ -91,12 +98,22 @@ class RoundEngine:
         self.federation_id = await s.get_meta("federation_id") or uuid.uuid4().hex[:12]
         self.current_round = int(await s.get_meta("current_round") or 0)
         model_sha = await s.get_meta("global_model")
+        task = json.dumps(asdict(self.model.identity), sort_keys=True)
         if model_sha is None:
             initial = await asyncio.to_thread(self.model.initial_state, self.config.federation.seed)
             model_sha = await asyncio.to_thread(self.blobs.put, state_bytes(initial))
-            await s.set_meta({"federation_id": self.federation_id, "current_round": "0", "global_model": model_sha})
-            _LOGGER.info("new federation %s", self.federation_id)
+            await s.set_meta(
+                {
+                    "federation_id": self.federation_id,
+                    "current_round": "0",
+                    "global_model": model_sha,
+                    "task": task,
+                    "task_source": self.config.task.name,  # how `fedgen export` finds the task again
+                }
+            )
+            _LOGGER.info("new federation %s of task %s", self.federation_id, self.model.identity.describe())
         else:
+            await self._check_task(await s.get_meta("task"), model_sha, task)
             _LOGGER.info("resuming federation %s at round %d", self.federation_id, self.current_round)
         self.global_model_sha = model_sha
         strategy_state = await s.get_meta("strategy_state")
@@ -107,6 +124,24 @@ class RoundEngine:
         if rows:
             self.last_accuracy = rows[-1].test_accuracy
         self.finished = self.current_round >= self.config.federation.rounds
+
+    async def _check_task(self, stored: str | None, model_sha: str, task: str) -> None:
+        """A state folder holds one task's federation: another task is refused before anything runs."""
+        if stored is None:  # written before tasks were recorded: it holds the task if its model fits the spec
+            state = await asyncio.to_thread(self.load_state, model_sha)
+            if {k: (v.shape, v.dtype) for k, v in state.items()} != dict(self.model.spec):
+                raise TaskMismatch(
+                    f"{self.config.state_path} holds a federation whose model does not fit task "
+                    f"{self.model.identity.describe()}: use another state_dir"
+                )
+            await self.store.set_meta({"task": task, "task_source": self.config.task.name})
+            return
+        if stored != task:
+            theirs = TaskIdentity(**json.loads(stored))
+            raise TaskMismatch(
+                f"{self.config.state_path} holds a federation of task {theirs.describe()}, but this coordinator is "
+                f"configured for {self.model.identity.describe()}: use another state_dir, or the task it was made with"
+            )
 
     @property
     def recovering(self) -> bool:
@@ -179,7 +214,7 @@ class RoundEngine:
         cohort = {
             cid: uuid.uuid4().hex for cid in sorted(rng.sample(eligible, min(fed.clients_per_round, len(eligible))))
         }
-        skipped = self.registry.skipped(self.task_kind())
+        skipped = {**self.registry.take_refused(), **self.registry.skipped(self.task_kind())}
         artifacts = []
         for artifact in await asyncio.to_thread(self.strategy.round_artifacts, round_):
             digest = await asyncio.to_thread(self.blobs.put, artifact.data)
@@ -349,6 +384,7 @@ class RoundEngine:
             updates_received=len(r.accepted) if r else 0,
             strategy=self.strategy.name,
             last_accuracy=self.last_accuracy,
+            task=self.model.identity,
         )
 
     # ------------------------------------------------------------- accounting

@@ -12,11 +12,13 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
+from fedgen.coordinator import errors
 from fedgen.coordinator.assignments import Assignment, TaskBoard
 from fedgen.coordinator.config import CoordinatorConfig
 from fedgen.coordinator.downloads import ArtifactServer
 from fedgen.coordinator.engine import FederationStatus, RoundEngine
 from fedgen.coordinator.events import ChangeSignal, Event, EventBus, PollWakers
+from fedgen.coordinator.exports import ExportedModel, ModelChoice, export_chosen
 from fedgen.coordinator.intake import UploadHeader, UploadIntake, UploadResult
 from fedgen.coordinator.ledger import LedgerRow
 from fedgen.coordinator.model import ModelContract
@@ -25,7 +27,9 @@ from fedgen.coordinator.registry import ClientRegistry
 from fedgen.coordinator.store import BlobStore, StateStore
 from fedgen.coordinator.strategy import Strategy
 from fedgen.coordinator.transfers import TransferPlanner
+from fedgen.core.task import TaskIdentity
 from fedgen.export.codec import State
+from fedgen.export.model_export import ExportFormat
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class Federation:
         self.blobs = blobs
         self.bus = EventBus()
         changed, wakers = ChangeSignal(), PollWakers()
-        self.registry = ClientRegistry(store, config.auth, config.federation.heartbeat_timeout_s)
+        self.registry = ClientRegistry(store, config.auth, config.federation.heartbeat_timeout_s, model.identity)
         transfers = TransferPlanner(config.bandwidth, blobs, model.tensor_shapes(), strategy.artifact_specs())
         self.engine = RoundEngine(
             config, store, blobs, strategy, model, self.registry, transfers, self.bus, changed, wakers
@@ -70,6 +74,10 @@ class Federation:
         return self.engine.current_round
 
     @property
+    def task(self) -> TaskIdentity:
+        return self.engine.model.identity
+
+    @property
     def finished(self) -> bool:
         return self.engine.finished
 
@@ -89,13 +97,27 @@ class Federation:
     def load_state(self, sha: str) -> State:
         return self.engine.load_state(sha)
 
+    async def export_model(self, choice: ModelChoice, fmt: ExportFormat) -> ExportedModel:
+        """A committed global model as a deployable file (Control.ExportModel)."""
+        task = self.engine.model.task
+        if task is None:
+            raise errors.FailedPrecondition("this coordinator was built without its task: it cannot export models")
+        return await export_chosen(self.store, self.blobs, task, choice, fmt)
+
     def all_told_done(self) -> bool:
         """Whether every eligible client has heard DONE (so the server may exit)."""
         return set(self.registry.eligible(self.engine.task_kind())) <= self.board.told_done
 
     # ------------------------------------------------------------- clients
-    async def join(self, enrollment_token: str, profile: ClientProfile, requested_id: str) -> tuple[str, str]:
-        client_id, credential = await self.registry.join(enrollment_token, profile, requested_id)
+    async def join(
+        self,
+        enrollment_token: str,
+        profile: ClientProfile,
+        requested_id: str,
+        task: TaskIdentity | None = None,
+        peer: str = "",
+    ) -> tuple[str, str]:
+        client_id, credential = await self.registry.join(enrollment_token, profile, requested_id, task, peer)
         self.engine.transfers.estimator.seed(client_id, float(profile.link_down_bps), float(profile.link_up_bps))
         self.bus.emit(Event("joined", self.engine.current_round, client_id=client_id))
         self._changed.notify()

@@ -19,16 +19,16 @@ from fedgen.coordinator.generator import (
     Generator,
     GeneratorConfig,
     GeneratorTrainConfig,
-    Head,
+    Teachers,
     make_optimizer,
     train_generator,
 )
+from fedgen.coordinator.model import ModelContract
 from fedgen.coordinator.strategy import Aggregate, ArtifactSpec, ClientResult, FedAvg, RoundArtifact
 from fedgen.export import generator_artifacts
 from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.export.onnx_export import export_generator_onnx
 
-HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 #: The generator's artifact kind (fleet.proto ARTIFACT_KIND_GENERATOR_ONNX).
 GENERATOR_ONNX = "generator_onnx"
 #: What FedGen adds to every round's ledger row.
@@ -64,12 +64,14 @@ class FedGen(FedAvg):
         self,
         training: TrainingConfig,
         config: FedGenConfig,
+        model: ModelContract,
         bandwidth: BandwidthConfig | None = None,
         seed: int = 0,
-        n_classes: int = 10,
     ) -> None:
         super().__init__(training)
         self.config = config
+        self.model = model
+        n_classes = model.n_classes
         bandwidth = bandwidth or BandwidthConfig()
         self.generator_spec = ArtifactSpec(
             GENERATOR_ONNX,
@@ -79,7 +81,13 @@ class FedGen(FedAvg):
             _can_make,
         )
         self.device = resolve_device(config.device)
-        self.gen_config = GeneratorConfig(n_classes=n_classes, noise=config.noise)
+        self.gen_config = GeneratorConfig(
+            n_classes=n_classes,
+            noise_dim=config.noise_dim or model.generator.noise_dim,
+            hidden_dims=tuple(config.hidden_dims or model.generator.hidden_dims),
+            latent_dim=model.latent_dim,
+            noise=config.noise,
+        )
         self.train_config = GeneratorTrainConfig(
             steps=config.generator_steps,
             batch_size=config.generator_batch_size,
@@ -91,6 +99,7 @@ class FedGen(FedAvg):
         )
         torch.manual_seed(seed)
         self.generator = Generator(self.gen_config).to(self.device)
+        self.head = model.make_head()
         self.optimizer = make_optimizer(self.generator, self.train_config)
         self.rng = np.random.default_rng(seed)
         self.noise = torch.Generator(device=self.device).manual_seed(seed)
@@ -130,7 +139,9 @@ class FedGen(FedAvg):
 
     def aggregate_round(self, round_: int, results: Sequence[ClientResult], global_state: State) -> Aggregate:
         started = time.monotonic()
-        heads = [Head(torch.from_numpy(r.state[HEAD_WEIGHT]), torch.from_numpy(r.state[HEAD_BIAS])) for r in results]
+        heads = Teachers(
+            self.head, [{k: torch.from_numpy(v) for k, v in self.model.head_state(r.state).items()} for r in results]
+        )
         counts = [list(r.label_counts) for r in results]
         for c in counts:
             self.labels_seen |= np.asarray(c) > 0
@@ -177,7 +188,7 @@ class FedGen(FedAvg):
 
     def load_state_bytes(self, data: bytes) -> None:
         tensors = decode_state(bundle_from_bytes(data))
-        gen = {k[4:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("gen.")}
+        gen = {_current_key(k[4:]): torch.from_numpy(v) for k, v in tensors.items() if k.startswith("gen.")}
         self.generator.load_state_dict(gen)
         for i, p in enumerate(self.generator.parameters()):
             if f"opt.{i}.exp_avg" in tensors:
@@ -189,3 +200,9 @@ class FedGen(FedAvg):
         self.trained_rounds = int(tensors["meta.trained_rounds"])
         self.labels_seen = tensors["meta.labels_seen"].astype(bool)
         self._onnx = None
+
+
+def _current_key(key: str) -> str:
+    """Generator keys of state written before hidden layers were configurable (``fc.*``, ``bn.*``:
+    the one hidden block) under today's names (``blocks.0.fc.*``)."""
+    return f"blocks.0.{key}" if key.startswith(("fc.", "bn.")) else key

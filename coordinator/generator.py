@@ -1,14 +1,17 @@
 """FedGen's generator G(y, eps) -> latent, and its server-side training step (pure PyTorch).
 
-The generator maps a label and noise to a latent vector that the clients' classifier
-heads agree is that label. It is trained on the coordinator from the cohort's heads and
-label counts (teacher loss) plus a diversity loss, then shipped to clients as ONNX.
-Facts from the paper and official code: ../shared/FEDGEN_FACTS.md sections 1 and 3.
+The generator maps a label and noise to a latent vector that the clients' classifier heads agree
+is that label. It is trained on the coordinator from the cohort's heads and label counts (teacher
+loss) plus a diversity loss, then shipped to clients as ONNX. Its output size is the task's latent
+and its hidden layers are configurable; the teachers are copies of the task's own head module,
+whatever small module it is, each with one client's weights. Facts from the paper and official
+code: ../shared/FEDGEN_FACTS.md sections 1 and 3.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 NoiseKind = Literal["uniform", "normal"]
 TeacherWeighting = Literal["per_sample", "official"]
@@ -25,32 +29,53 @@ TeacherWeighting = Literal["per_sample", "official"]
 class GeneratorConfig:
     n_classes: int = 10
     noise_dim: int = 32
-    hidden_dim: int = 256
+    hidden_dims: tuple[int, ...] = (256,)
     latent_dim: int = 32
     # The official code draws eps ~ U[0,1) (maintainer, issue #10); the paper writes N(0, I).
     noise: NoiseKind = "uniform"
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        out["hidden_dims"] = list(self.hidden_dims)
+        return out
+
+
+class HiddenBlock(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.bn = nn.BatchNorm1d(d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.fc(x)))
 
 
 class Generator(nn.Module):
-    """Linear(noise+classes, 256) -> BatchNorm1d -> ReLU -> Linear(256, latent); no output activation."""
+    """[noise, onehot(label)] -> (Linear -> BatchNorm1d -> ReLU) per hidden layer -> Linear(latent).
+
+    FedGen's MNIST generator is one hidden layer of 256: 19,744 parameters. No output activation.
+    """
 
     onehot: torch.Tensor  # [n_classes, n_classes], a buffer
 
     def __init__(self, config: GeneratorConfig = GeneratorConfig()) -> None:
         super().__init__()
+        if not config.hidden_dims:
+            raise ValueError("the generator needs at least one hidden layer")
         self.config = config
         self.register_buffer("onehot", torch.eye(config.n_classes), persistent=False)
-        self.fc = nn.Linear(config.noise_dim + config.n_classes, config.hidden_dim)
-        self.bn = nn.BatchNorm1d(config.hidden_dim)
-        self.out = nn.Linear(config.hidden_dim, config.latent_dim)
+        dims = (config.noise_dim + config.n_classes, *config.hidden_dims)
+        self.blocks = nn.ModuleList(HiddenBlock(a, b) for a, b in itertools.pairwise(dims))
+        self.out = nn.Linear(dims[-1], config.latent_dim)
 
     def forward(self, labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """labels int64 [B], eps float [B, noise_dim] -> latent [B, latent_dim]."""
         x = torch.cat([eps, self.onehot[labels]], dim=1)  # [B, noise+classes]
-        latent: torch.Tensor = self.out(F.relu(self.bn(self.fc(x))))
+        for block in self.blocks:
+            x = block(x)
+        latent: torch.Tensor = self.out(x)
         return latent
 
 
@@ -85,12 +110,29 @@ class GeneratorTrainConfig:
     weighting: TeacherWeighting = "per_sample"
 
 
-@dataclass(frozen=True)
-class Head:
-    """One client's classifier head (the layer after the latent)."""
+class Teachers:
+    """The cohort's heads: one head module (the task's) and each client's weights for it, applied
+    functionally, so any small module can be a teacher and no copy of it is made per client."""
 
-    weight: torch.Tensor  # [n_classes, latent]
-    bias: torch.Tensor  # [n_classes]
+    def __init__(self, head: nn.Module, weights: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        self.head = head.eval()
+        self.weights = [dict(w) for w in weights]
+
+    @classmethod
+    def linear(cls, weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Teachers:
+        """Linear heads (the MNIST CNN's), from (weight [C, D], bias [C]) pairs."""
+        c, d = weights[0][0].shape
+        return cls(nn.Linear(int(d), int(c)), [{"weight": w, "bias": b} for w, b in weights])
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def to(self, device: torch.device) -> Teachers:
+        return Teachers(self.head.to(device), [{k: v.to(device) for k, v in w.items()} for w in self.weights])
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """[K, B, C]: every teacher's logits for latents z [B, D]."""
+        return torch.stack([functional_call(self.head, w, (z,)) for w in self.weights])
 
 
 @dataclass(frozen=True)
@@ -113,7 +155,7 @@ def label_weights(label_counts: Sequence[Sequence[int]], min_samples: int) -> tu
 def train_generator(
     generator: Generator,
     optimizer: torch.optim.Optimizer,
-    heads: Sequence[Head],
+    teachers: Teachers,
     label_counts: Sequence[Sequence[int]],
     config: GeneratorTrainConfig,
     rng: np.random.Generator,
@@ -125,24 +167,25 @@ def train_generator(
             or sum_k mean_i(CE_i) * mean_i(w_k[y_i])                     (official: the [32]x[32,1] broadcast)
     loss = alpha * teacher + eta * diversity.
     """
-    if len(heads) != len(label_counts) or not heads:
-        raise ValueError(f"need one label-count vector per head (got {len(heads)} heads, {len(label_counts)} counts)")
+    if len(teachers) != len(label_counts) or not len(teachers):
+        raise ValueError(
+            f"need one label-count vector per head (got {len(teachers)} heads, {len(label_counts)} counts)"
+        )
     device = next(generator.parameters()).device
     qualified, weights = label_weights(label_counts, config.min_samples_per_label)
     if len(qualified) == 0:
         raise ValueError("no label has enough samples at any client to train the generator on")
     weights_t = torch.as_tensor(weights, dtype=torch.float32, device=device)  # [C, K]
-    head_w = torch.stack([h.weight for h in heads]).to(device)  # [K, C, D]
-    head_b = torch.stack([h.bias for h in heads]).to(device)  # [K, C]
+    teachers = teachers.to(device)
     generator.train()
     teacher_v = diversity_v = total_v = 0.0
     for _ in range(config.steps):
         y = torch.as_tensor(rng.choice(qualified, config.batch_size), dtype=torch.long, device=device)
         eps = sample_noise(generator.config, config.batch_size, noise_generator, device)
         z = generator(y, eps)  # [B, D]
-        logits = torch.einsum("bd,kcd->kbc", z, head_w) + head_b[:, None, :]  # [K, B, C]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(len(heads)), reduction="none").view(
-            len(heads), -1
+        logits = teachers.logits(z)  # [K, B, C]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(len(teachers)), reduction="none").view(
+            len(teachers), -1
         )  # [K, B]
         w = weights_t[y].T  # [K, B]
         if config.weighting == "per_sample":

@@ -180,6 +180,8 @@ class LocalFederation:
                     str(self.config.federation.seed + k),
                     "--log-level",
                     self.client_log_level,
+                    "--task",
+                    self.config.task.name,
                     *self.extra_client_args,
                     *self.per_client_args.get(k, []),
                 ],

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from fedgen.coordinator.config import AuthConfig
 from fedgen.coordinator.events import now_ms
 from fedgen.coordinator.records import ClientProfile, StoredClient
 from fedgen.coordinator.store import StateStore, is_digest
+from fedgen.core.task import TaskIdentity
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ _CLIENT_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 MAX_CLIENT_ID = 64
 #: Global models a client may say it holds (PollTaskRequest.held_models).
 MAX_HELD_MODELS = 4
+#: Joins refused for another task, kept until the next round's ledger row lists them.
+MAX_REFUSED_JOINS = 256
 
 
 def _sha256(text: str) -> str:
@@ -50,15 +54,21 @@ class ClientRecord:
     declined_kinds: dict[str, str] = field(default_factory=dict)
     # Global-model artifacts the client says it holds decoded, newest first.
     held_models: tuple[str, ...] = ()
+    # Set when the device behind this id later joined with another task: never sampled again.
+    wrong_task: str | None = None
 
 
 class ClientRegistry:
-    def __init__(self, store: StateStore, auth: AuthConfig, heartbeat_timeout_s: float) -> None:
+    def __init__(
+        self, store: StateStore, auth: AuthConfig, heartbeat_timeout_s: float, task: TaskIdentity | None = None
+    ) -> None:
         self._store = store
         self._auth = auth
         self._enrollment_hashes = auth.enrollment_hashes()
         self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._task = task
         self._clients: dict[str, ClientRecord] = {}
+        self._refused: OrderedDict[str, str] = OrderedDict()
 
     def load(self, stored: Iterable[StoredClient]) -> None:
         for c in stored:
@@ -70,11 +80,22 @@ class ClientRegistry:
         return self._clients[client_id]
 
     # ------------------------------------------------------------ credentials
-    async def join(self, enrollment_token: str, profile: ClientProfile, requested_id: str) -> tuple[str, str]:
-        """Exchanges an enrollment token for (client_id, credential); durable before it returns."""
+    async def join(
+        self,
+        enrollment_token: str,
+        profile: ClientProfile,
+        requested_id: str,
+        task: TaskIdentity | None = None,
+        peer: str = "",
+    ) -> tuple[str, str]:
+        """Exchanges an enrollment token for (client_id, credential); durable before it returns.
+
+        A client that declares another task than the coordinator's is refused (FAILED_PRECONDITION)."""
         token_hash = _sha256(enrollment_token)
         if not any(hmac.compare_digest(token_hash, h) for h in self._enrollment_hashes):
             raise errors.Unauthenticated("enrollment token is not valid")
+        if task is not None and self._task is not None and task != self._task:
+            self._refuse(requested_id, peer, task, self._task)
         if requested_id:
             if len(requested_id) > MAX_CLIENT_ID or not set(requested_id) <= _CLIENT_ID_CHARS:
                 raise errors.InvalidArgument(
@@ -93,6 +114,31 @@ class ClientRegistry:
         self._clients[client_id] = record
         _LOGGER.info("[Fleet.Join] %s joined (%s)", client_id, profile.platform or "?")
         return client_id, credential
+
+    def _refuse(self, requested_id: str, peer: str, theirs: TaskIdentity, mine: TaskIdentity) -> None:
+        if theirs.name != mine.name or theirs.version != mine.version:
+            why = f"task {theirs.name} {theirs.version}, this coordinator trains {mine.name} {mine.version}"
+        else:  # same name and version, other tensors: one side changed the model without a new version
+            why = (
+                f"task {theirs.name} {theirs.version} with state spec {theirs.state_spec_sha256[:12]}, this "
+                f"coordinator's has {mine.state_spec_sha256[:12]} (the model differs: bump the task's version)"
+            )
+        who = requested_id or f"(join from {peer or 'an unknown peer'})"
+        self._refused[who] = f"refused at join: {why}"
+        self._refused.move_to_end(who)
+        while len(self._refused) > MAX_REFUSED_JOINS:
+            self._refused.popitem(last=False)
+        previous = self._clients.get(requested_id)
+        if previous is not None:
+            previous.wrong_task = why
+        _LOGGER.warning("[Fleet.Join] %s refused: %s", who, why)
+        raise errors.FailedPrecondition(f"client runs {why}; run task {mine.name} {mine.version} on this device")
+
+    def take_refused(self) -> dict[str, str]:
+        """Joins refused for another task since the last call (the next ledger row lists them)."""
+        refused = dict(self._refused)
+        self._refused.clear()
+        return refused
 
     def authenticate(self, credential: str | None) -> str:
         """The client id a credential belongs to; UNAUTHENTICATED otherwise."""
@@ -158,6 +204,8 @@ class ClientRegistry:
     @staticmethod
     def _unfit(c: ClientRecord, task_kind: str) -> str | None:
         """Why a connected client may not be sampled now (its own conditions or a memory decline)."""
+        if c.wrong_task is not None:
+            return f"joined again with {c.wrong_task}"
         if c.not_ready is not None:
             return f"not ready: {c.not_ready}"
         declined = c.declined_kinds.get(task_kind)

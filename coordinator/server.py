@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,14 +12,12 @@ from grpc_reflection.v1alpha import reflection
 
 from fedgen.coordinator.auth import AuthInterceptor, RateLimiter
 from fedgen.coordinator.config import CoordinatorConfig, check_exposure
-from fedgen.coordinator.evaluation import classifier_contract
 from fedgen.coordinator.federation import Federation
 from fedgen.coordinator.file_blobs import FileBlobStore
 from fedgen.coordinator.servicers import ControlServicer, FleetServicer
 from fedgen.coordinator.sqlite_store import SqliteStateStore
 from fedgen.coordinator.strategy import make_strategy
-from fedgen.core.data import builtin_data_dir, load_idx_dataset, normalize_images
-from fedgen.core.models import ClassifierConfig
+from fedgen.coordinator.task_setup import load_task_contract
 from fedgen.core.transport import server_options, server_tls_credentials
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
@@ -32,10 +29,8 @@ CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
 
 async def build_federation(config: CoordinatorConfig) -> Federation:
     """The federation the config describes, its state read from the store (a new one is created)."""
-    data_dir = builtin_data_dir() if config.data.test_data_dir == "builtin" else Path(config.data.test_data_dir)
-    test = await asyncio.to_thread(load_idx_dataset, data_dir, "test")
-    model = classifier_contract(ClassifierConfig(), (normalize_images(test.images), test.labels))
-    strategy = await asyncio.to_thread(make_strategy, config, model.n_classes)
+    _, model = await asyncio.to_thread(load_task_contract, config)
+    strategy = await asyncio.to_thread(make_strategy, config, model)
     state = config.state_path
     store = await SqliteStateStore.open(state / "state.sqlite3")
     federation = Federation(config, store, FileBlobStore(state / "blobs"), strategy, model)

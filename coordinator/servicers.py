@@ -95,8 +95,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @unary_errors
     async def Join(self, request: fleet_pb2.JoinRequest, context: Context) -> fleet_pb2.JoinResponse:
+        task = wire.task_from_proto(request.task) if request.HasField("task") else None
         client_id, credential = await self.fed.join(
-            request.enrollment_token, wire.profile_from_proto(request.profile), request.requested_client_id
+            request.enrollment_token,
+            wire.profile_from_proto(request.profile),
+            request.requested_client_id,
+            task,
+            context.peer(),
         )
         interval_ms = int(self.fed.config.federation.heartbeat_timeout_s * 1000 / 3)
         return fleet_pb2.JoinResponse(
@@ -104,6 +109,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             credential=credential,
             heartbeat_interval_ms=interval_ms,
             federation_id=self.fed.federation_id,
+            task=wire.task_to_proto(self.fed.task),
         )
 
     @unary_errors
@@ -267,3 +273,17 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @unary_errors
     async def Stop(self, request: control_pb2.StopRequest, context: Context) -> control_pb2.Status:
         return await self._control(self.fed.stop, context)
+
+    @stream_errors
+    async def ExportModel(
+        self, request: control_pb2.ExportModelRequest, context: Context
+    ) -> AsyncIterator[control_pb2.ExportChunk]:
+        self._authorize(context)
+        choice, fmt = wire.export_request_from_proto(request)
+        exported = await self.fed.export_model(choice, fmt)
+        yield control_pb2.ExportChunk(model=wire.exported_model_to_proto(exported, self.fed.task))
+        limit = self.fed.config.server.chunk_bytes
+        chunk = max(MIN_CHUNK_BYTES, min(request.max_chunk_bytes or limit, limit))
+        view = memoryview(exported.data)
+        for start in range(0, len(view), chunk):
+            yield control_pb2.ExportChunk(data=bytes(view[start : start + chunk]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedgen.coordinator.config import CoordinatorConfig, StrategyName, TrainingConfig
+from fedgen.coordinator.model import ModelContract
 from fedgen.export.codec import State
 from fedgen.export.encoding import Encoding
 
@@ -155,7 +156,7 @@ class FedProx(FedAvg):
         return {"proximal_mu": self.training.proximal_mu}
 
 
-def make_strategy(config: CoordinatorConfig, n_classes: int) -> Strategy:
+def make_strategy(config: CoordinatorConfig, model: ModelContract) -> Strategy:
     """The strategy the config names (FedGen's torch-heavy generator code is imported only for it)."""
     name = config.federation.strategy
     if name == "fedavg":
@@ -164,4 +165,4 @@ def make_strategy(config: CoordinatorConfig, n_classes: int) -> Strategy:
         return FedProx(config.training)
     from fedgen.coordinator.fedgen import FedGen
 
-    return FedGen(config.training, config.fedgen, config.bandwidth, config.federation.seed, n_classes)
+    return FedGen(config.training, config.fedgen, model, config.bandwidth, config.federation.seed)

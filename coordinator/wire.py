@@ -10,14 +10,19 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import cast, get_args
 
+from fedgen.coordinator import errors
 from fedgen.coordinator.assignments import Assignment, DoneAssignment, TrainAssignment, WaitAssignment
 from fedgen.coordinator.engine import FederationStatus
 from fedgen.coordinator.events import Event, EventKind
+from fedgen.coordinator.exports import ExportedModel, ModelChoice
 from fedgen.coordinator.intake import UploadHeader, UploadResult
 from fedgen.coordinator.ledger import ClientEntry, ClientTransfer, LedgerRow, Outcome, SkippedClient
 from fedgen.coordinator.link_policy import DownloadTiming
 from fedgen.coordinator.records import ClientProfile
+from fedgen.coordinator.store import is_digest
 from fedgen.coordinator.transfers import Variant
+from fedgen.core.task import TaskIdentity
+from fedgen.export.model_export import ExportFormat
 from fedgen.export.tensor_codecs import codec_for
 from fedgen.v1 import control_pb2, fleet_pb2, tensor_pb2
 
@@ -39,6 +44,7 @@ _STATES = {
 #: The artifact kind the contract had before kinds became a map (ClientRoundEntry.generator_encoding).
 _GENERATOR_KIND = "generator_onnx"
 MAX_PLATFORM_CHARS = 200
+MAX_TASK_FIELD_CHARS = 300
 
 
 def artifact_kind(kind: str) -> fleet_pb2.ArtifactKind.ValueType:
@@ -59,6 +65,21 @@ def profile_from_proto(p: fleet_pb2.DeviceProfile) -> ClientProfile:
         num_examples=p.num_examples,
         available_memory_mb=p.available_memory_mb,
     )
+
+
+def task_from_proto(t: fleet_pb2.TaskIdentity) -> TaskIdentity:
+    """A client's declared task, checked for form (whether it is the right task is the registry's call)."""
+    if not t.name or len(t.name) > MAX_TASK_FIELD_CHARS or len(t.version) > MAX_TASK_FIELD_CHARS:
+        raise errors.InvalidArgument(
+            f"task.name must be 1-{MAX_TASK_FIELD_CHARS} characters and task.version at most {MAX_TASK_FIELD_CHARS}"
+        )
+    if not is_digest(t.state_spec_sha256):
+        raise errors.InvalidArgument("task.state_spec_sha256 must be 64 lower-case hex digits")
+    return TaskIdentity(t.name, t.version, t.state_spec_sha256)
+
+
+def task_to_proto(t: TaskIdentity) -> fleet_pb2.TaskIdentity:
+    return fleet_pb2.TaskIdentity(name=t.name, version=t.version, state_spec_sha256=t.state_spec_sha256)
 
 
 def _artifact_ref(variant: Variant, kind: fleet_pb2.ArtifactKind.ValueType) -> fleet_pb2.ArtifactRef:
@@ -264,4 +285,35 @@ def status_to_proto(s: FederationStatus) -> control_pb2.Status:
         updates_received=s.updates_received,
         strategy=s.strategy,
         last_accuracy=s.last_accuracy,
+        task=task_to_proto(s.task),
+    )
+
+
+_EXPORT_FORMATS: dict[ExportFormat, control_pb2.ExportFormat.ValueType] = {
+    "onnx": control_pb2.EXPORT_FORMAT_ONNX,
+    "bundle": control_pb2.EXPORT_FORMAT_BUNDLE,
+    "torch": control_pb2.EXPORT_FORMAT_TORCH,
+}
+
+
+def export_request_from_proto(m: control_pb2.ExportModelRequest) -> tuple[ModelChoice, ExportFormat]:
+    formats = {v: k for k, v in _EXPORT_FORMATS.items()}
+    if m.format not in formats:
+        raise errors.InvalidArgument("format must be EXPORT_FORMAT_ONNX, EXPORT_FORMAT_BUNDLE or EXPORT_FORMAT_TORCH")
+    which = m.WhichOneof("which")
+    if which == "round":
+        return ModelChoice("round", m.round), formats[m.format]
+    return ModelChoice("best" if which == "best" and m.best else "latest"), formats[m.format]
+
+
+def exported_model_to_proto(e: ExportedModel, task: TaskIdentity) -> control_pb2.ExportedModel:
+    return control_pb2.ExportedModel(
+        task=task_to_proto(task),
+        format=_EXPORT_FORMATS[e.format],
+        round=e.model.round,
+        committed=e.model.committed,
+        test_accuracy=e.model.test_accuracy,
+        model_sha256=e.model.model_sha256,
+        total_size=len(e.data),
+        sha256=e.sha256,
     )

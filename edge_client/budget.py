@@ -26,8 +26,9 @@ MIB = 1024 * 1024
 # benchmarks/edge_footprint.py: a FedGen round's measured peak stayed 7-17 MiB under the estimate.
 #: Head-room kept free for the allocator, Python objects and gRPC buffers during a round.
 SAFETY_MIB = 12.0
-#: Bytes of activations (forward kept for backward, plus gradients) per training example of the
-#: MNIST classifier, with margin: conv0 6x14x14 + conv1 16x7x7 + fc 32 + logits, x4 bytes x ~3.
+#: Bytes of activations (forward kept for backward, plus gradients) per training example when the
+#: task's model has not been measured on this device (``trainer.activation_bytes_per_example``
+#: measures it); this is the MNIST classifier's with margin.
 ACTIVATION_BYTES_PER_EXAMPLE = 32 * 1024
 #: Copies of the model a round holds at once: the decoded global state, the torch module, its
 #: gradients, the FedProx anchor or the encoded upload, and the serialized payload.
@@ -102,6 +103,10 @@ class TaskNeeds:
     generator_bytes: int  # the ONNX generator artifact (0 without FedGen's regulariser)
     batch_size: int  # the task's batch size
     gen_batch_size: int = 0  # generated latents per step (FedGen)
+    # Measured on the device for the task's model (a dry training step): bytes one real example
+    # holds during a step, and one generated latent (it runs through the head only).
+    activation_bytes: int = ACTIVATION_BYTES_PER_EXAMPLE
+    latent_bytes: int = ACTIVATION_BYTES_PER_EXAMPLE
 
 
 @dataclass(frozen=True)
@@ -115,12 +120,7 @@ class MemoryPlan:
     reason: str = ""
 
 
-def plan_task(
-    baseline_mib: float,
-    budget_mib: float | None,
-    needs: TaskNeeds,
-    activation_bytes: int = ACTIVATION_BYTES_PER_EXAMPLE,
-) -> MemoryPlan:
+def plan_task(baseline_mib: float, budget_mib: float | None, needs: TaskNeeds) -> MemoryPlan:
     """The largest micro-batch that keeps the round's estimated peak within the budget.
 
     peak = baseline (the process now) + model copies + generator session + activations of one
@@ -132,10 +132,10 @@ def plan_task(
         + SAFETY_MIB
         + (ONNX_SESSION_BASE_MIB + ONNX_SESSION_FACTOR * needs.generator_bytes / MIB if needs.generator_bytes else 0.0)
     )
-    per_example = activation_bytes / MIB
+    per_example, per_latent = needs.activation_bytes / MIB, needs.latent_bytes / MIB
 
     def need(micro: int) -> float:
-        return fixed + per_example * (micro + needs.gen_batch_size)
+        return fixed + per_example * micro + per_latent * needs.gen_batch_size
 
     if budget_mib is None:
         return MemoryPlan(True, needs.batch_size, need(needs.batch_size), None)

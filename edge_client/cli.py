@@ -7,9 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
+from fedgen.core.data import DataError
+from fedgen.core.task import TaskError
 from fedgen.edge.conditions import Probe, combine, command_probe, on_mains_power
 from fedgen.edge.connection import FleetCallError
-from fedgen.edge.runner import ClientSettings, run_client
+from fedgen.edge.runner import ClientSettings, TaskRefused, run_client
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", required=True, help="coordinator address, e.g. 10.0.0.5:50051")
     p.add_argument("--data", required=True, type=Path, help="this device's shard file (.npz from `fedgen partition`)")
     p.add_argument("--token", required=True, help="enrollment token")
+    p.add_argument(
+        "--task",
+        default="mnist",
+        help="the task to train: a built-in's name (mnist, fashion-mnist, fashion-mnist-resnet, cifar10, har) "
+        "or an installed task's import path package.module:Class (default mnist)",
+    )
     p.add_argument("--client-id", default="", help="stable id to join as (default: assigned by the coordinator)")
     p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default ~/.cache/fedgen/<id>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         threads=args.threads,
         memory_budget_mb=args.memory_budget_mb,
+        task=args.task,
         seed=args.seed,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -98,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = run_client(settings)
+    except (TaskError, DataError, TaskRefused) as err:  # the task or the data does not fit: a usage error
+        print(f"fedgen-client: {err}", file=sys.stderr)
+        return 2
     except FleetCallError as err:
         print(f"fedgen-client: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    logging.getLogger("edge_client").info(
+    logging.getLogger("fedgen.edge").info(
         "finished: %d round(s) trained, %d rejected, %d declined, %d B down, %d B up",
         summary.rounds_trained,
         summary.updates_rejected,

@@ -124,12 +124,19 @@ class FleetConnection:
                 attempt += 1
 
     # --------------------------------------------------------------- calls
-    def join(self, enrollment_token: str, profile: fleet_pb2.DeviceProfile, client_id: str = "") -> str:
+    def join(
+        self,
+        enrollment_token: str,
+        profile: fleet_pb2.DeviceProfile,
+        client_id: str = "",
+        task: fleet_pb2.TaskIdentity | None = None,
+    ) -> str:
+        """Joins (the task this client trains is declared, so the coordinator can refuse another)."""
         response = self._with_retry(
             "Join",
             lambda: self._stub.Join(
                 fleet_pb2.JoinRequest(
-                    enrollment_token=enrollment_token, profile=profile, requested_client_id=client_id
+                    enrollment_token=enrollment_token, profile=profile, requested_client_id=client_id, task=task
                 ),
                 timeout=self.call_timeout_s,
             ),

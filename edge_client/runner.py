@@ -18,9 +18,11 @@ import grpc
 import numpy as np
 import torch
 
-from fedgen.core.data import load_shard
+from fedgen.core.data import Dataset
+from fedgen.core.task import PreparedTask, prepare
 from fedgen.core.transport import client_tls_credentials
 from fedgen.edge.budget import (
+    ACTIVATION_BYTES_PER_EXAMPLE,
     MemoryPlan,
     TaskNeeds,
     available_memory_mib,
@@ -34,7 +36,13 @@ from fedgen.edge.budget import (
 from fedgen.edge.conditions import Probe
 from fedgen.edge.connection import FleetCallError, FleetConnection
 from fedgen.edge.generator_runtime import OnnxGenerator
-from fedgen.edge.trainer import LocalTrainer, TrainPlan, warm_up
+from fedgen.edge.trainer import (
+    LocalTrainer,
+    TrainPlan,
+    activation_bytes_per_example,
+    latent_bytes_per_example,
+    warm_up,
+)
 from fedgen.export.codec import (
     CodecError,
     Encoding,
@@ -59,6 +67,10 @@ HELD_KEEP = 2
 STATE_SUFFIX = ".state"
 
 
+class TaskRefused(FleetCallError):
+    """The coordinator trains another task (or version) than this client: FAILED_PRECONDITION at Join."""
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     coordinator: str
@@ -69,7 +81,8 @@ class ClientSettings:
     threads: int = 1
     poll_wait_s: float = 15.0
     memory_budget_mb: int = 0
-    n_classes: int = 10
+    # The task this device trains: a built-in's name or an import path package.module:Class.
+    task: str = "mnist"
     seed: int = 0
     call_timeout_s: float = 30.0
     # TLS: the CA bundle that signed the coordinator (or a proxy in front of it); a client
@@ -167,10 +180,22 @@ class Device:
     budget_mib: float | None
     threads: int
     readiness: Probe | None = None
+    # Measured for the task on this device at start-up (dry training steps), bytes.
+    activation_bytes: int = 0
+    latent_bytes: int = 0
 
     def state(self) -> fleet_pb2.DeviceState:
         reason = self.readiness() if self.readiness is not None else None
         return fleet_pb2.DeviceState(not_ready=reason is not None, reason=reason or "")
+
+
+def read_local_data(task: PreparedTask, path: Path) -> tuple[Dataset, Dataset | None]:
+    """The device's data as the task reads it, checked against the task's input spec and classes."""
+    train, test = task.task.read_local(path)
+    task.check(train, f"{path} (train)")
+    if test is not None:
+        task.check(test, f"{path} (test)")
+    return train, test
 
 
 def run_client(settings: ClientSettings) -> ClientSummary:
@@ -182,21 +207,30 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # the stubs type the flag as its descriptor
     if not torch.backends.nnpack.is_available():  # e.g. arm64 without /sys: else a warning per convolution
         torch.backends.nnpack.set_flags(False)
-    train, test = load_shard(settings.data_path)
-    # Images stay uint8 (1 byte a pixel) and are normalised a batch at a time.
-    trainer = LocalTrainer(train.images, train.labels, settings.n_classes, settings.seed)
-    warm_up()  # torch's first-pass allocations happen now: what the process holds after is its baseline
-    local_test = (test.images, test.labels) if test is not None and len(test) else None
+    prepared = prepare(settings.task)
+    train, test = read_local_data(prepared, settings.data_path)
+    # Examples stay as stored (uint8 pixels: 1 byte each) and are preprocessed a batch at a time.
+    trainer = LocalTrainer(prepared, train.samples, train.labels, settings.seed)
+    warm_up(prepared)  # torch's first-pass allocations happen now: what the process holds after is its baseline
+    local_test = (test.samples, test.labels) if test is not None and len(test) else None
     available = available_memory_mib()
     device = Device(
-        effective_budget_mib(settings.memory_budget_mb, available, rss_mib()), settings.threads, settings.readiness
+        effective_budget_mib(settings.memory_budget_mb, available, rss_mib()),
+        settings.threads,
+        settings.readiness,
+        activation_bytes_per_example(prepared),
+        latent_bytes_per_example(prepared),
     )
     _LOGGER.info(
-        "memory: budget %s MiB (declared %d, available %s), process %s MiB now",
+        "task %s (%d parameters); memory: budget %s MiB (declared %d, available %s), process %s MiB now, "
+        "%.1f KiB per training example (measured)",
+        prepared.identity.describe(),
+        prepared.parameters,
         _fmt_mib(device.budget_mib),
         settings.memory_budget_mb,
         _fmt_mib(available),
         _fmt_mib(rss_mib()),
+        device.activation_bytes / 1024,
     )
     tls = settings.use_tls or settings.tls_ca is not None or settings.tls_cert is not None
     conn = FleetConnection(
@@ -217,7 +251,15 @@ def run_client(settings: ClientSettings) -> ClientSummary:
         link_down_bps=settings.link_down_bps,
         link_up_bps=settings.link_up_bps,
     )
-    client_id = conn.join(settings.enrollment_token, profile, settings.client_id)
+    mine = prepared.identity
+    identity = fleet_pb2.TaskIdentity(name=mine.name, version=mine.version, state_spec_sha256=mine.state_spec_sha256)
+    try:
+        client_id = conn.join(settings.enrollment_token, profile, settings.client_id, identity)
+    except FleetCallError as err:
+        conn.close()
+        if err.code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise TaskRefused(err.code, err.message) from None
+        raise
     cache_dir = settings.cache_dir or Path.home() / ".cache" / "fedgen" / client_id
     summary = ClientSummary(client_id)
     feedback = ErrorFeedback()  # what lossy uploads left out, sent in later rounds
@@ -253,7 +295,7 @@ def run_client(settings: ClientSettings) -> ClientSummary:
                     raise
                 refused_in_a_row += 1
                 _LOGGER.warning("credential refused (%s); joining again", err.message)
-                conn.join(settings.enrollment_token, profile, client_id)
+                conn.join(settings.enrollment_token, profile, client_id, identity)
     finally:
         summary.bytes_down, summary.bytes_up = conn.stats.bytes_down, conn.stats.bytes_up
         conn.close()
@@ -300,6 +342,8 @@ def _memory_plan(task: fleet_pb2.TrainTask, device: Device) -> MemoryPlan:
         generator_bytes=generator_bytes if regularize else 0,
         batch_size=max(1, cfg.batch_size),
         gen_batch_size=int(cfg.params.get("gen_batch_size", 32)) if regularize else 0,
+        activation_bytes=device.activation_bytes or ACTIVATION_BYTES_PER_EXAMPLE,
+        latent_bytes=device.latent_bytes or ACTIVATION_BYTES_PER_EXAMPLE,
     )
     return plan_task(rss_mib() or 0.0, device.budget_mib, needs)
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedgen.core.models import Classifier, ClassifierConfig, load_numpy_state, state_to_numpy
+from fedgen.core.models import load_numpy_state, state_to_numpy
+from fedgen.core.task import PreparedTask, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -72,30 +73,26 @@ class BatchStream:
 
 
 class LocalTrainer:
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        n_classes: int = 10,
-        seed: int = 0,
-        model_config: ClassifierConfig = ClassifierConfig(),
-    ) -> None:
-        """images: raw uint8 [N,28,28] (kept as bytes, normalised a batch at a time: 4x less memory
-        than float32) or already normalised float32 [N,1,28,28]; labels: int64 [N]."""
-        if len(images) != len(labels) or len(labels) == 0:
-            raise ValueError(f"need matching, non-empty images and labels (got {len(images)} and {len(labels)})")
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+    def __init__(self, task: PreparedTask, samples: np.ndarray, labels: np.ndarray, seed: int = 0) -> None:
+        """samples: the task's stored examples [N, *input.shape] (kept as stored, uint8 pixels for
+        the image tasks, and preprocessed a batch at a time: 4x less memory than float32); labels: [N]."""
+        if len(samples) != len(labels) or len(labels) == 0:
+            raise ValueError(f"need matching, non-empty samples and labels (got {len(samples)} and {len(labels)})")
+        self.task = task
+        self.samples = torch.from_numpy(np.ascontiguousarray(samples))
         self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.n_classes = n_classes
-        self.model = Classifier(model_config)
+        self.n_classes = task.task.n_classes
+        self.model = task.model()
         # BatchNorm running statistics: states, not trained parameters (see _encode_update).
-        self.buffer_names = frozenset(name for name, _ in self.model.named_buffers())
+        self.buffer_names = task.buffer_names
         self.batches = BatchStream(len(labels), seed)
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
+        self._augment_rng = torch.Generator().manual_seed(seed)
 
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        return _as_model_input(self.images[idx])
+        x = self.task.task.preprocess(self.samples[idx])
+        return self.task.task.augment(x, self._augment_rng)
 
     def _latents(self, generator: LatentGenerator, labels: np.ndarray) -> torch.Tensor:
         eps = generator.sample_noise(len(labels), self.rng)
@@ -121,13 +118,13 @@ class LocalTrainer:
         return plan.generative_alpha * F.cross_entropy(teacher_logits, torch.from_numpy(sampled))
 
     @torch.no_grad()
-    def evaluate(self, state: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    def evaluate(self, state: dict[str, np.ndarray], samples: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
         """(correct, total) of `state` on local data: the paper's federated evaluation."""
         load_numpy_state(self.model, state)
         self.model.eval()
         correct = 0
         for start in range(0, len(labels), 512):
-            logits = self.model(_as_model_input(torch.from_numpy(images[start : start + 512])))
+            logits = self.model(self.task.task.preprocess(torch.from_numpy(samples[start : start + 512])))
             correct += int((logits.argmax(1) == torch.from_numpy(labels[start : start + 512])).sum())
         return correct, len(labels)
 
@@ -192,13 +189,6 @@ class LocalTrainer:
         )
 
 
-def _as_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,28,28] -> float32 [B,1,28,28] in [-1, 1] (FedGen's normalisation); floats pass through."""
-    if images.dtype != torch.uint8:
-        return images
-    return (images.unsqueeze(1).float() / 255.0 - 0.5) / 0.5
-
-
 @torch.no_grad()
 def _sgd_step(params: Sequence[torch.Tensor], lr: float) -> None:
     """Plain SGD, p -= lr * grad (FedGen's official client optimizer: no momentum, no decay).
@@ -208,10 +198,48 @@ def _sgd_step(params: Sequence[torch.Tensor], lr: float) -> None:
             p.add_(p.grad, alpha=-lr)
 
 
-def warm_up(model_config: ClassifierConfig = ClassifierConfig()) -> None:
-    """One forward and backward pass on one example, so the lazy allocations torch makes on its
+def _dry_batch(task: PreparedTask, batch: int) -> torch.Tensor:
+    spec = task.task.input
+    return task.task.preprocess(torch.zeros((batch, *spec.shape), dtype=torch_dtype(spec.dtype)))
+
+
+def warm_up(task: PreparedTask) -> None:
+    """One forward and backward pass on two examples, so the lazy allocations torch makes on its
     first pass happen now and the memory the process holds afterwards is its real baseline."""
-    model = Classifier(model_config)
+    model = task.model()
     model.train()
-    x = torch.zeros(2, 1, 28, 28)
-    F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long)).backward()
+    F.cross_entropy(model(_dry_batch(task, 2)), torch.zeros(2, dtype=torch.long)).backward()
+
+
+def _saved_bytes(task: PreparedTask, batch: int, head_only: bool = False) -> int:
+    """Bytes autograd saves for the backward pass in one training step of ``batch`` examples (or of
+    ``batch`` generated latents through the head alone: FedGen's regulariser)."""
+    model = task.model()
+    model.train()
+    net = model.head if head_only else model
+    x = torch.zeros(batch, task.latent_dim) if head_only else _dry_batch(task, batch)
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(net(x), torch.zeros(batch, dtype=torch.long))
+    loss.backward()
+    return saved
+
+
+def activation_bytes_per_example(task: PreparedTask) -> int:
+    """Bytes one training example holds during a step of this task's model, measured by dry steps:
+    what the forward pass saves for the backward pass (autograd's saved tensors, counted exactly) per
+    extra example (two batch sizes, so the weights it also saves cancel out), twice over for the
+    gradients the backward pass makes of them."""
+    return max(1024, 2 * (_saved_bytes(task, 16) - _saved_bytes(task, 8)) // 8)
+
+
+def latent_bytes_per_example(task: PreparedTask) -> int:
+    """The same for one generated latent: the latent itself, its target, and what the head saves."""
+    head = 2 * (_saved_bytes(task, 16, head_only=True) - _saved_bytes(task, 8, head_only=True)) // 8
+    return max(256, head + 3 * 4 * (task.latent_dim + task.task.n_classes))

@@ -78,17 +78,9 @@ class Encoding:
     def sparse(self) -> bool:
         return self.density is not None
 
-    @property
-    def exact(self) -> bool:
-        """Whether what the receiver decodes is bit for bit what was sent (fp32, with or without zstd)."""
-        return self.codec == "fp32"
-
     def plain(self) -> Encoding:
         """The same encoding of the whole values rather than of a difference."""
         return replace(self, delta=False)
-
-    def as_delta(self) -> Encoding:
-        return replace(self, delta=True)
 
 
 def _topk_percent(codec: str) -> float | None:

@@ -33,7 +33,6 @@ __all__ = [
     "label_restricted_test_split",
     "load_idx_dataset",
     "load_shard",
-    "normalize_images",
     "read_idx_images",
     "read_idx_labels",
     "save_shard",
@@ -47,7 +46,9 @@ _SPLIT_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_SHARD_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+_SHARD_KEYS = ("train_x", "train_y", "test_x", "test_y")
+#: Shard keys before tasks, read as their current names.
+_LEGACY_KEYS = {"train_images": "train_x", "train_labels": "train_y", "test_images": "test_x", "test_labels": "test_y"}
 
 
 class DataError(ValueError):
@@ -113,24 +114,28 @@ def read_idx_labels(path: Path) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)  # eq=False: element-wise array comparison has no single truth value
 class Dataset:
-    """Images and labels held together so every subset keeps them aligned."""
+    """Examples and their labels held together so every subset keeps them aligned.
 
-    images: np.ndarray  # uint8 [N, 28, 28]
+    ``samples`` is [N, ...] in whatever shape and dtype the task stores (uint8 [N, 28, 28] for the
+    MNIST tasks); the task checks them against its input spec (``PreparedTask.check``).
+    """
+
+    samples: np.ndarray  # [N, *task.input.shape]
     labels: np.ndarray  # int64 [N]
     name: str
 
     def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 3 or self.images.shape[1:] != IMAGE_SHAPE:
+        if self.samples.ndim < 2:
             raise DataError(
-                f"dataset {self.name!r}: images must be uint8 [N, 28, 28], "
-                f"got {self.images.dtype} {list(self.images.shape)}"
+                f"dataset {self.name!r}: samples must be [N, ...] (one row per example), "
+                f"got {self.samples.dtype} {list(self.samples.shape)}"
             )
         if self.labels.dtype != np.int64 or self.labels.ndim != 1:
             raise DataError(
                 f"dataset {self.name!r}: labels must be int64 [N], got {self.labels.dtype} {list(self.labels.shape)}"
             )
-        if len(self.labels) != len(self.images):
-            raise DataError(f"dataset {self.name!r}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) != len(self.samples):
+            raise DataError(f"dataset {self.name!r}: {len(self.samples)} examples but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -142,7 +147,7 @@ class Dataset:
             if idx.size:
                 raise ValueError(f"subset index must be integer or boolean, got {idx.dtype}")
             idx = idx.astype(np.int64)
-        return Dataset(images=self.images[idx], labels=self.labels[idx], name=self.name)
+        return Dataset(samples=self.samples[idx], labels=self.labels[idx], name=self.name)
 
 
 def _find_idx_file(data_dir: Path, stem: str) -> Path:
@@ -166,20 +171,12 @@ def load_idx_dataset(data_dir: Path, split: Literal["train", "test"]) -> Dataset
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     _LOGGER.debug("loaded %s split of %s: %d samples", split, data_dir, len(labels))
-    return Dataset(images=images, labels=labels.astype(np.int64), name=data_dir.name)
+    return Dataset(samples=images, labels=labels.astype(np.int64), name=data_dir.name)
 
 
 def builtin_data_dir() -> Path:
     """The MNIST subset shipped in the package, so a demo runs with no download (see datasets/README.md)."""
     return Path(__file__).resolve().parent / "datasets" / "mnist_subset"
-
-
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [-1, 1]: FedGen's ToTensor() + Normalize((0.5,), (0.5,))."""
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"expected uint8 [N, H, W] images, got {images.dtype} {list(images.shape)}")
-    x = images.astype(np.float32)[:, None, :, :] / np.float32(255.0)
-    return (x - np.float32(0.5)) / np.float32(0.5)
 
 
 # --------------------------------------------------------------------------- partitioning
@@ -358,9 +355,9 @@ def describe_histogram(hist: np.ndarray) -> str:
 def save_shard(path: Path, train: Dataset, test: Dataset | None = None) -> None:
     """Write one client's data as a compressed .npz, atomically, so a reader never sees half a file."""
     path = Path(path)
-    arrays: dict[str, Any] = {"train_images": train.images, "train_labels": train.labels}
+    arrays: dict[str, Any] = {"train_x": train.samples, "train_y": train.labels}
     if test is not None:
-        arrays.update(test_images=test.images, test_labels=test.labels)
+        arrays.update(test_x=test.samples, test_y=test.labels)
     with atomic_file(path) as f:
         np.savez_compressed(f, **arrays)  # a file object: savez does not append ".npz"
 
@@ -374,21 +371,26 @@ def _shard_array(npz: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
         raise DataError(f"{path}: key {key!r} is corrupt ({exc})") from exc
 
 
-def _shard_dataset(images: np.ndarray, labels: np.ndarray, prefix: str, path: Path) -> Dataset:
-    ik, lk = f"{prefix}_images", f"{prefix}_labels"
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-        raise DataError(f"{path}: key {ik!r} must be uint8 [N, 28, 28], got {images.dtype} {list(images.shape)}")
+def _shard_dataset(samples: np.ndarray, labels: np.ndarray, prefix: str, path: Path) -> Dataset:
+    xk, yk = f"{prefix}_x", f"{prefix}_y"
+    if samples.ndim < 2:
+        raise DataError(
+            f"{path}: key {xk!r} must be [N, ...] (one row per example), got {samples.dtype} {list(samples.shape)}"
+        )
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: key {lk!r} must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise DataError(f"{path}: key {lk!r} has labels outside 0..255 ({int(labels.min())}..{int(labels.max())})")
-    if len(labels) != len(images):
-        raise DataError(f"{path}: key {lk!r} has {len(labels)} labels for {len(images)} images in {ik!r}")
-    return Dataset(images=images, labels=labels.astype(np.int64), name=f"{path.stem}:{prefix}")
+        raise DataError(f"{path}: key {yk!r} must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: key {yk!r} has a negative label ({int(labels.min())})")
+    if len(labels) != len(samples):
+        raise DataError(f"{path}: key {yk!r} has {len(labels)} labels for {len(samples)} examples in {xk!r}")
+    return Dataset(samples=samples, labels=labels.astype(np.int64), name=f"{path.stem}:{prefix}")
 
 
 def load_shard(path: Path) -> tuple[Dataset, Dataset | None]:
-    """Read a shard written by save_shard, never unpickling, and validate every array before use."""
+    """Read a shard written by save_shard, never unpickling, and validate every array before use.
+
+    Shards written before tasks (keys ``train_images``/``train_labels``...) read the same way.
+    """
     path = Path(path)
     try:
         npz = np.load(path, allow_pickle=False)
@@ -399,18 +401,18 @@ def load_shard(path: Path) -> tuple[Dataset, Dataset | None]:
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: expected an .npz archive, found a single .npy array")
     with npz:
-        keys = set(npz.files)
-        unknown = sorted(keys - set(_SHARD_KEYS))
+        keys = {_LEGACY_KEYS.get(k, k): k for k in npz.files}
+        unknown = sorted(set(keys) - set(_SHARD_KEYS))
         if unknown:
-            raise DataError(f"{path}: unexpected key {unknown[0]!r} (allowed: {', '.join(_SHARD_KEYS)})")
-        for key in ("train_images", "train_labels"):
+            raise DataError(f"{path}: unexpected key {keys[unknown[0]]!r} (allowed: {', '.join(_SHARD_KEYS)})")
+        for key in ("train_x", "train_y"):
             if key not in keys:
                 raise DataError(f"{path}: missing key {key!r}")
-        has_test = {"test_images", "test_labels"} & keys
+        has_test = {"test_x", "test_y"} & set(keys)
         if has_test and len(has_test) != 2:
-            missing = ({"test_images", "test_labels"} - keys).pop()
+            missing = ({"test_x", "test_y"} - set(keys)).pop()
             raise DataError(f"{path}: missing key {missing!r} (test arrays come in pairs)")
-        arrays = {k: _shard_array(npz, k, path) for k in sorted(keys)}
-    train = _shard_dataset(arrays["train_images"], arrays["train_labels"], "train", path)
-    test = _shard_dataset(arrays["test_images"], arrays["test_labels"], "test", path) if has_test else None
+        arrays = {k: _shard_array(npz, stored, path) for k, stored in sorted(keys.items())}
+    train = _shard_dataset(arrays["train_x"], arrays["train_y"], "train", path)
+    test = _shard_dataset(arrays["test_x"], arrays["test_y"], "test", path) if has_test else None
     return train, test

@@ -77,8 +77,3 @@ def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
             raise ValueError(f"tensor {key!r} has shape {list(arr.shape)}, expected {list(ref.shape)}")
         tensors[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
     model.load_state_dict(tensors)
-
-
-def state_spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Key -> (shape, numpy dtype): what a valid update must look like."""
-    return {k: (tuple(v.shape), np.dtype(str(v.dtype).removeprefix("torch."))) for k, v in model.state_dict().items()}

@@ -53,3 +53,11 @@ def mnist_dir() -> Path:
     if not (path / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real MNIST not found at {path} (tests read ../shared/data)")
     return path
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    path = SHARED_DATA / "fashion-mnist"
+    if not (path / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real Fashion-MNIST not found at {path} (tests read ../shared/data)")
+    return path

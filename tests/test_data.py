@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedgen.core.data import (
     DataError,
@@ -19,11 +20,11 @@ from fedgen.core.data import (
     label_restricted_test_split,
     load_idx_dataset,
     load_shard,
-    normalize_images,
     read_idx_images,
     read_idx_labels,
     save_shard,
 )
+from fedgen.core.task import prepare
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"
@@ -67,8 +68,8 @@ def _idx_labels(labels: list[int], magic: int = 2049) -> bytes:
 
 @needs_mnist
 def test_real_mnist_counts_and_ranges(mnist_train: Dataset, mnist_test: Dataset) -> None:
-    assert mnist_train.images.shape == (60000, 28, 28) and mnist_train.images.dtype == np.uint8
-    assert mnist_test.images.shape == (10000, 28, 28)
+    assert mnist_train.samples.shape == (60000, 28, 28) and mnist_train.samples.dtype == np.uint8
+    assert mnist_test.samples.shape == (10000, 28, 28)
     assert mnist_train.labels.dtype == np.int64 and len(mnist_train) == 60000 and len(mnist_test) == 10000
     for ds in (mnist_train, mnist_test):
         assert set(np.unique(ds.labels)) == set(range(10))
@@ -90,7 +91,7 @@ def test_reader_accepts_plain_idx(tmp_path: Path) -> None:
 def test_shipped_subset_is_balanced(subset_train: Dataset) -> None:
     test = load_idx_dataset(builtin_data_dir(), "test")
     assert builtin_data_dir().name == "mnist_subset" and subset_train.name == "mnist_subset"
-    assert subset_train.images.shape == (6000, 28, 28) and len(test) == 1000
+    assert subset_train.samples.shape == (6000, 28, 28) and len(test) == 1000
     assert np.bincount(subset_train.labels, minlength=10).tolist() == [600] * 10
     assert np.bincount(test.labels, minlength=10).tolist() == [100] * 10
 
@@ -98,9 +99,9 @@ def test_shipped_subset_is_balanced(subset_train: Dataset) -> None:
 @needs_mnist
 def test_shipped_subset_images_are_real_mnist(mnist_test: Dataset) -> None:
     sub = load_idx_dataset(builtin_data_dir(), "test")
-    pairs = zip(mnist_test.images, mnist_test.labels, strict=True)
+    pairs = zip(mnist_test.samples, mnist_test.labels, strict=True)
     source = {hashlib.sha1(img.tobytes()).digest(): int(y) for img, y in pairs}
-    for img, y in zip(sub.images, sub.labels, strict=True):
+    for img, y in zip(sub.samples, sub.labels, strict=True):
         assert source[hashlib.sha1(img.tobytes()).digest()] == y
 
 
@@ -149,9 +150,9 @@ def test_wrong_dims_and_count_mismatch_and_missing(tmp_path: Path) -> None:
         read_idx_labels(tmp_path / "nope")
 
 
-def test_normalize_matches_fedgen_transform() -> None:
+def test_mnist_preprocessing_matches_fedgen_transform() -> None:
     imgs = np.array([[[0, 255], [128, 51]]], dtype=np.uint8)
-    out = normalize_images(imgs)
+    out = prepare("mnist").task.preprocess(torch.from_numpy(imgs)).numpy()
     assert out.dtype == np.float32 and out.shape == (1, 1, 2, 2)
     np.testing.assert_allclose(out[0, 0], (imgs[0] / 255.0 - 0.5) / 0.5, rtol=0, atol=1e-6)
     assert out.min() == -1.0 and out.max() == 1.0
@@ -162,7 +163,7 @@ def test_dataset_subset_and_validation(subset_train: Dataset) -> None:
     assert len(sub) == 2 and sub.labels.tolist() == subset_train.labels[[3, 1]].tolist()
     assert len(subset_train.subset(np.array([], dtype=np.int64))) == 0
     with pytest.raises(DataError, match="int64"):
-        Dataset(images=subset_train.images[:2], labels=np.zeros(2, dtype=np.int32), name="x")
+        Dataset(samples=subset_train.samples[:2], labels=np.zeros(2, dtype=np.int32), name="x")
 
 
 # --------------------------------------------------------------------------- partition
@@ -263,8 +264,8 @@ def test_shard_round_trip(tmp_path: Path, subset_train: Dataset) -> None:
     save_shard(path, train, test)
     got_train, got_test = load_shard(path)
     assert got_test is not None
-    assert np.array_equal(got_train.images, train.images) and np.array_equal(got_train.labels, train.labels)
-    assert np.array_equal(got_test.images, test.images) and got_test.labels.dtype == np.int64
+    assert np.array_equal(got_train.samples, train.samples) and np.array_equal(got_train.labels, train.labels)
+    assert np.array_equal(got_test.samples, test.samples) and got_test.labels.dtype == np.int64
     assert [p.name for p in path.parent.iterdir()] == ["client-3.npz"]  # no temp file left behind
     save_shard(path, train)  # overwrite, without a test split
     got_train, got_test = load_shard(path)
@@ -273,17 +274,22 @@ def test_shard_round_trip(tmp_path: Path, subset_train: Dataset) -> None:
 
 def test_shard_rejects_bad_arrays(tmp_path: Path) -> None:
     imgs = np.zeros((2, 28, 28), dtype=np.uint8)
-    p = tmp_path / "float.npz"
+    mnist = prepare("mnist")
+    p = tmp_path / "float.npz"  # a readable shard, but not what the task stores
     np.savez(p, train_images=imgs.astype(np.float32), train_labels=np.array([1, 2]))
-    with pytest.raises(DataError, match="train_images"):
-        load_shard(p)
+    with pytest.raises(DataError, match=r"float32 \[2, 28, 28\], task 'mnist' expects uint8 \[N, 28, 28\]"):
+        mnist.check(load_shard(p)[0], "float.npz")
     p = tmp_path / "flabels.npz"
     np.savez(p, train_images=imgs, train_labels=np.array([1.0, 2.0]))
-    with pytest.raises(DataError, match="train_labels"):
+    with pytest.raises(DataError, match="train_y"):
         load_shard(p)
     p = tmp_path / "range.npz"
-    np.savez(p, train_images=imgs, train_labels=np.array([1, 256]))
-    with pytest.raises(DataError, match=r"0..255"):
+    np.savez(p, train_x=imgs, train_y=np.array([1, 10]))
+    with pytest.raises(DataError, match=r"labels span 1..10, task 'mnist' has classes 0..9"):
+        mnist.check(load_shard(p)[0], "range.npz")
+    p = tmp_path / "negative.npz"
+    np.savez(p, train_x=imgs, train_y=np.array([1, -1]))
+    with pytest.raises(DataError, match="negative label"):
         load_shard(p)
     p = tmp_path / "pickled.npz"
     np.savez(p, train_images=imgs, train_labels=np.array([{"x": 1}, 2], dtype=object))
@@ -291,7 +297,7 @@ def test_shard_rejects_bad_arrays(tmp_path: Path) -> None:
         load_shard(p)
     p = tmp_path / "half.npz"
     np.savez(p, train_images=imgs, train_labels=np.array([1, 2]), test_images=imgs)
-    with pytest.raises(DataError, match="test_labels"):
+    with pytest.raises(DataError, match="test_y"):
         load_shard(p)
     p = tmp_path / "junk.npz"
     p.write_bytes(b"not a zip")

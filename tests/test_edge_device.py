@@ -15,6 +15,7 @@ from fedgen.coordinator.config import parse_config
 from fedgen.coordinator.local import LocalFederation, write_shards
 from fedgen.core.data import load_idx_dataset
 from fedgen.core.models import Classifier, state_to_numpy
+from fedgen.core.task import prepare
 from fedgen.edge.budget import (
     MIB,
     TaskNeeds,
@@ -80,8 +81,9 @@ def test_micro_batches_add_up_to_the_same_step() -> None:
     labels = rng.integers(0, 10, 64)
     state = state_to_numpy(Classifier())
     plan = TrainPlan(3, 16, 0.05, "fedavg")
-    full = LocalTrainer(images, labels, seed=1).train(state, plan)
-    micro = LocalTrainer(images, labels, seed=1).train(state, TrainPlan(3, 16, 0.05, "fedavg", micro_batch=4))
+    mnist = prepare("mnist")
+    full = LocalTrainer(mnist, images, labels, seed=1).train(state, plan)
+    micro = LocalTrainer(mnist, images, labels, seed=1).train(state, TrainPlan(3, 16, 0.05, "fedavg", micro_batch=4))
     assert full.label_counts == micro.label_counts
     # BatchNorm sees 4 examples at a time instead of 16, so the steps are close, not identical.
     diff = max(float(np.abs(full.state[k] - micro.state[k]).max()) for k in full.state if k.endswith("weight"))

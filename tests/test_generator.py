@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fedgen.coordinator.config import FedGenConfig, TrainingConfig
+from fedgen.coordinator.evaluation import task_contract
 from fedgen.coordinator.fedgen import FedGen
 from fedgen.coordinator.generator import (
     Generator,
+    GeneratorConfig,
     GeneratorTrainConfig,
-    Head,
+    Teachers,
     diversity_loss,
     label_weights,
     make_optimizer,
     train_generator,
 )
+from fedgen.coordinator.model import ModelContract
 from fedgen.coordinator.strategy import ClientResult
+from fedgen.core.data import Dataset
 from fedgen.core.models import Classifier, state_to_numpy
+from fedgen.core.task import InputSpec, Task, prepare
 from fedgen.edge.generator_runtime import OnnxGenerator
 from fedgen.edge.trainer import LocalTrainer, TrainPlan
 from fedgen.export.encoding import Encoding
@@ -32,7 +39,7 @@ def _trained_generator(seed: int = 0) -> Generator:
     torch.manual_seed(seed)
     g = Generator()
     opt = make_optimizer(g, GeneratorTrainConfig())
-    heads = [Head(torch.randn(10, 32), torch.randn(10)) for _ in range(3)]
+    heads = Teachers.linear([(torch.randn(10, 32), torch.randn(10)) for _ in range(3)])
     train_generator(g, opt, heads, [[5] * 10] * 3, GeneratorTrainConfig(steps=5), np.random.default_rng(0))
     return g.eval()
 
@@ -97,8 +104,8 @@ def test_server_step_teaches_the_generator_what_heads_agree_on(weighting: str) -
     g = Generator()
     cfg = GeneratorTrainConfig(weighting=weighting)  # type: ignore[arg-type]
     opt = make_optimizer(g, cfg)
-    heads = [Head(torch.randn(10, 32), torch.zeros(10)) for _ in range(4)]
-    counts = [[30] * 10 for _ in heads]
+    heads = Teachers.linear([(torch.randn(10, 32), torch.zeros(10)) for _ in range(4)])
+    counts = [[30] * 10 for _ in range(len(heads))]
     before = [p.detach().clone() for p in g.parameters()]
     rng = np.random.default_rng(0)
     first = train_generator(g, opt, heads, counts, cfg, rng)
@@ -115,11 +122,15 @@ def test_server_step_rejects_mismatched_inputs() -> None:
         train_generator(
             g,
             make_optimizer(g, GeneratorTrainConfig()),
-            [Head(torch.zeros(10, 32), torch.zeros(10))],
+            Teachers.linear([(torch.zeros(10, 32), torch.zeros(10))]),
             [],
             GeneratorTrainConfig(),
             np.random.default_rng(0),
         )
+
+
+MNIST = prepare("mnist")
+CONTRACT: ModelContract = task_contract(MNIST)
 
 
 def _results(n: int = 3) -> list[ClientResult]:
@@ -128,7 +139,7 @@ def _results(n: int = 3) -> list[ClientResult]:
 
 
 def test_fedgen_strategy_schedule_artifacts_and_state() -> None:
-    s = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), seed=0)
+    s = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), CONTRACT, seed=0)
     p0 = s.configure_round(0).params
     assert p0["regularize"] == 0.0 and s.round_artifacts(0) == []  # round 0: plain local training
     agg = s.aggregate_round(0, _results(), {})
@@ -143,7 +154,7 @@ def test_fedgen_strategy_schedule_artifacts_and_state() -> None:
     assert artifact.kind == "generator_onnx" and artifact.data[:2] == b"\x08\x08"  # an ONNX ModelProto
 
     # A restarted coordinator restores the generator and its Adam moments exactly.
-    restored = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), seed=99)
+    restored = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), CONTRACT, seed=99)
     restored.load_state_bytes(s.state_bytes())
     for a, b in zip(s.generator.state_dict().values(), restored.generator.state_dict().values(), strict=False):
         assert torch.equal(a, b)
@@ -155,23 +166,23 @@ def test_fedgen_strategy_schedule_artifacts_and_state() -> None:
 
 def test_client_regulariser_is_reported_and_only_the_model_learns(onnx_path: tuple[Generator, Path]) -> None:
     rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (64, 1, 28, 28)).astype(np.float32)
+    images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, 64)
-    trainer = LocalTrainer(images, labels)
+    trainer = LocalTrainer(MNIST, images, labels)
     state = state_to_numpy(Classifier())
     plan = TrainPlan(3, 16, 0.01, "fedgen", generative_alpha=9.8, generative_beta=9.8, label_space=tuple(range(10)))
     generator_bytes = onnx_path[1].read_bytes()
     with_reg = trainer.train(state, plan, OnnxGenerator(onnx_path[1]))
     assert with_reg.metrics["regulariser"] > 0
     assert onnx_path[1].read_bytes() == generator_bytes  # the generator is frozen on the client
-    without = LocalTrainer(images, labels).train(state, plan)
+    without = LocalTrainer(MNIST, images, labels).train(state, plan)
     assert without.metrics["regulariser"] == 0
     assert not np.allclose(with_reg.state["head.weight"], without.state["head.weight"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the coordinator's GPU path)")
 def test_fedgen_trains_on_cuda_across_rounds_and_exports() -> None:
-    s = FedGen(TrainingConfig(), FedGenConfig(device="cuda"), seed=0)
+    s = FedGen(TrainingConfig(), FedGenConfig(device="cuda"), CONTRACT, seed=0)
     for round_ in range(2):  # the export between rounds must not move the generator off the GPU
         agg = s.aggregate_round(round_, _results(), {})
         assert agg.extras["generator_on_cuda"] == 1.0
@@ -183,7 +194,7 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="no CUDA device"):
-        FedGen(TrainingConfig(), FedGenConfig(device="cuda"), seed=0)
+        FedGen(TrainingConfig(), FedGenConfig(device="cuda"), CONTRACT, seed=0)
 
 
 # Measured max |onnxruntime - torch| on this generator: fp16 2e-4, int8 5e-3, int4 6e-2
@@ -229,3 +240,73 @@ def test_unknown_generator_encoding_and_corrupt_compressed_artifact(tmp_path: Pa
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ManifestError, match="zstd"):
         OnnxGenerator(path)
+
+
+def test_generator_keys_from_before_configurable_layers_still_load() -> None:
+    """State written by the one-hidden-layer generator (``gen.fc.*``, ``gen.bn.*``) resumes as block 0."""
+    s = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), CONTRACT, seed=0)
+    s.aggregate_round(0, _results(), {})
+    from fedgen.export.codec import Encoding as Enc
+    from fedgen.export.codec import bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+
+    tensors = decode_state(bundle_from_bytes(s.state_bytes()))
+    old = {k.replace("gen.blocks.0.", "gen."): v for k, v in tensors.items()}
+    assert "gen.fc.weight" in old and "gen.bn.running_mean" in old
+    restored = FedGen(TrainingConfig(), FedGenConfig(device="cpu"), CONTRACT, seed=5)
+    restored.load_state_bytes(bundle_to_bytes(encode_state(old, Enc())))
+    for a, b in zip(s.generator.state_dict().values(), restored.generator.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hidden", [(64,), (128, 64, 32)])
+def test_deeper_generators_export_with_exact_parity(hidden: tuple[int, ...], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = Generator(GeneratorConfig(n_classes=6, noise_dim=16, hidden_dims=hidden, latent_dim=48))
+    opt = make_optimizer(g, GeneratorTrainConfig())
+    heads = Teachers.linear([(torch.randn(6, 48), torch.randn(6)) for _ in range(2)])
+    train_generator(g, opt, heads, [[5] * 6] * 2, GeneratorTrainConfig(steps=3), np.random.default_rng(0))
+    g.eval()
+    path = tmp_path / "g.onnx"
+    path.write_bytes(export_generator_onnx(g, g.config.to_dict()))
+    runtime = OnnxGenerator(path)
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, 33)
+    eps = runtime.sample_noise(33, rng)
+    with torch.no_grad():
+        expected = g(torch.from_numpy(labels), torch.from_numpy(eps)).numpy()
+    got = runtime.latents(labels, eps)
+    assert got.shape == (33, 48) and np.abs(got - expected).max() <= 1e-5
+
+
+class _MlpHead(Task):
+    """A task whose head is no single Linear: FedGen's teachers must be the task's own module."""
+
+    name, version = "mlp-head", "1"
+    input = InputSpec(shape=(20,), dtype="float32")
+    n_classes = 5
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(
+            OrderedDict(
+                features=nn.Sequential(nn.Linear(20, 24), nn.ReLU()),
+                head=nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5)),
+            )
+        )
+
+    def read_source(self, source: str, split: str) -> Dataset:
+        raise NotImplementedError
+
+
+def test_fedgen_teaches_the_generator_with_any_head_module() -> None:
+    task = prepare(_MlpHead())
+    contract = task_contract(task)
+    s = FedGen(TrainingConfig(), FedGenConfig(device="cpu", hidden_dims=(32, 32)), contract, seed=0)
+    assert s.gen_config.latent_dim == 24 and s.gen_config.hidden_dims == (32, 32)
+    torch.manual_seed(0)
+    results = [ClientResult(f"c{i}", state_to_numpy(task.model()), 50, [10] * 5, {}) for i in range(3)]
+    first = s.aggregate_round(0, results, {}).extras["generator_teacher_loss"]
+    for round_ in range(1, 6):
+        last = s.aggregate_round(round_, results, {}).extras["generator_teacher_loss"]
+    assert last < first  # the generator learns what these MLP heads call each label
+    runtime_bytes = s.round_artifacts(6)[0].data
+    assert runtime_bytes[:2] == b"\x08\x08"

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from fedgen.coordinator.config import ConfigError, TrainingConfig, parse_config
+from fedgen.coordinator.evaluation import task_contract
 from fedgen.coordinator.strategy import ClientResult, FedAvg, FedProx, make_strategy, weighted_average
 from fedgen.coordinator.validation import UpdateRejected, validate_counts, validate_state
+from fedgen.core.task import prepare
 
 
 def test_weighted_average_weights_by_examples() -> None:
@@ -38,7 +40,9 @@ def test_fedavg_strategy_and_schedule() -> None:
 
 def test_fedprox_sends_mu_and_unknown_strategy_is_an_error() -> None:
     assert FedProx(TrainingConfig(proximal_mu=0.01)).configure_round(0).params == {"proximal_mu": 0.01}
-    assert isinstance(make_strategy(parse_config({"federation": {"strategy": "fedprox"}}), 10), FedProx)
+    assert isinstance(
+        make_strategy(parse_config({"federation": {"strategy": "fedprox"}}), task_contract(prepare("mnist"))), FedProx
+    )
     with pytest.raises(ConfigError, match=r"federation\.strategy: Input should be 'fedavg', 'fedprox' or 'fedgen'"):
         parse_config({"federation": {"strategy": "nope"}})
 

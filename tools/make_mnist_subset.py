@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_idx_dataset(args.source, split)  # type: ignore[arg-type]
         keep = balanced_indices(ds.labels, per_class, rng)
         images_name, labels_name = _FILES[split]
-        for name, arr in ((images_name, ds.images[keep]), (labels_name, ds.labels[keep].astype(np.uint8))):
+        for name, arr in ((images_name, ds.samples[keep]), (labels_name, ds.labels[keep].astype(np.uint8))):
             digest = write_gzip(args.out / name, idx_bytes(arr))
             _LOGGER.info("%s  %9d bytes  sha256 %s", name, (args.out / name).stat().st_size, digest)
         _LOGGER.info("%s: kept %d of %d (%d per class)", split, len(keep), len(ds), per_class)

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fedgen.v1 import fleet_pb2 as fedgen_dot_v1_dot_fleet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64gen/v1/control.proto\x12\tfedgen.v1\"\x12\n\x10GetStatusRequest\"\x84\x02\n\x06Status\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.fedgen.v1.FederationState\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x04\x12\x19\n\x11\x63onnected_clients\x18\x05 \x01(\r\x12\x13\n\x0b\x63ohort_size\x18\x06 \x01(\r\x12\x18\n\x10updates_received\x18\x07 \x01(\r\x12\x10\n\x08strategy\x18\x08 \x01(\t\x12\x15\n\rlast_accuracy\x18\t \x01(\x01\x12\x18\n\x10\x65ligible_clients\x18\n \x01(\r\"&\n\x10GetLedgerRequest\x12\x12\n\nfrom_round\x18\x01 \x01(\x04\"\xde\x04\n\x10\x43lientRoundEntry\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nbytes_down\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x07 \x01(\x01\x12\x39\n\x07metrics\x18\x08 \x03(\x0b\x32(.fedgen.v1.ClientRoundEntry.MetricsEntry\x12\x16\n\x0emodel_encoding\x18\t \x01(\t\x12\x1a\n\x12generator_encoding\x18\n \x01(\t\x12\x17\n\x0fupload_encoding\x18\x0b \x01(\t\x12\x14\n\x0c\x64own_seconds\x18\x0c \x01(\x01\x12\x12\n\nup_seconds\x18\r \x01(\x01\x12\x1a\n\x12\x65stimated_down_bps\x18\x0e \x01(\x01\x12\x18\n\x10\x65stimated_up_bps\x18\x0f \x01(\x01\x12!\n\x19\x65xpected_transfer_seconds\x18\x10 \x01(\x01\x12N\n\x12\x61rtifact_encodings\x18\x11 \x03(\x0b\x32\x32.fedgen.v1.ClientRoundEntry.ArtifactEncodingsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x41rtifactEncodingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x05\n\tLedgerRow\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x13\n\x0b\x63ohort_size\x18\x03 \x01(\r\x12\x11\n\tcompleted\x18\x04 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\r\x12\x10\n\x08rejected\x18\x06 \x01(\r\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x08 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\t \x01(\x01\x12\x19\n\x11\x61ggregate_seconds\x18\n \x01(\x01\x12\x18\n\x10\x65valuate_seconds\x18\x0b \x01(\x01\x12\x15\n\rround_seconds\x18\x0c \x01(\x01\x12\x15\n\rtest_accuracy\x18\r \x01(\x01\x12\x11\n\ttest_loss\x18\x0e \x01(\x01\x12\x16\n\x0eopened_unix_ms\x18\x0f \x01(\x03\x12\x19\n\x11\x63ommitted_unix_ms\x18\x10 \x01(\x03\x12,\n\x07\x63lients\x18\x11 \x03(\x0b\x32\x1b.fedgen.v1.ClientRoundEntry\x12\x30\n\x06\x65xtras\x18\x12 \x03(\x0b\x32 .fedgen.v1.LedgerRow.ExtrasEntry\x12\x14\n\x0cmodel_sha256\x18\x13 \x01(\t\x12)\n\x07skipped\x18\x14 \x03(\x0b\x32\x18.fedgen.v1.SkippedClient\x12\x10\n\x08\x64\x65\x63lined\x18\x15 \x01(\r\x12\x17\n\x0f\x65ncoding_policy\x18\x16 \x01(\t\x12\x1f\n\x17transfer_budget_seconds\x18\x17 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x18 \x01(\r\x1a-\n\x0b\x45xtrasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"2\n\rSkippedClient\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\x06Ledger\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.fedgen.v1.LedgerRow\"\x15\n\x13StreamEventsRequest\"\xa4\x03\n\nRoundEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fedgen.v1.RoundEvent.Kind\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07unix_ms\x18\x03 \x01(\x03\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0b\x63ohort_size\x18\x06 \x01(\r\x12\x18\n\x10updates_received\x18\x07 \x01(\r\x12(\n\nledger_row\x18\x08 \x01(\x0b\x32\x14.fedgen.v1.LedgerRow\"\xce\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11KIND_ROUND_OPENED\x10\x01\x12\x18\n\x14KIND_UPDATE_ACCEPTED\x10\x02\x12\x18\n\x14KIND_UPDATE_REJECTED\x10\x03\x12\x18\n\x14KIND_ROUND_COMMITTED\x10\x04\x12\x15\n\x11KIND_ROUND_FAILED\x10\x05\x12\x1c\n\x18KIND_FEDERATION_FINISHED\x10\x06\x12\x16\n\x12KIND_CLIENT_JOINED\x10\x07\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\r\n\x0bStopRequest*\xb8\x01\n\x0f\x46\x65\x64\x65rationState\x12 \n\x1c\x46\x45\x44\x45RATION_STATE_UNSPECIFIED\x10\x00\x12(\n$FEDERATION_STATE_WAITING_FOR_CLIENTS\x10\x01\x12\x1d\n\x19\x46\x45\x44\x45RATION_STATE_TRAINING\x10\x02\x12\x1b\n\x17\x46\x45\x44\x45RATION_STATE_PAUSED\x10\x03\x12\x1d\n\x19\x46\x45\x44\x45RATION_STATE_FINISHED\x10\x04\x32\xeb\x02\n\x07\x43ontrol\x12;\n\tGetStatus\x12\x1b.fedgen.v1.GetStatusRequest\x1a\x11.fedgen.v1.Status\x12;\n\tGetLedger\x12\x1b.fedgen.v1.GetLedgerRequest\x1a\x11.fedgen.v1.Ledger\x12G\n\x0cStreamEvents\x12\x1e.fedgen.v1.StreamEventsRequest\x1a\x15.fedgen.v1.RoundEvent0\x01\x12\x33\n\x05Pause\x12\x17.fedgen.v1.PauseRequest\x1a\x11.fedgen.v1.Status\x12\x35\n\x06Resume\x12\x18.fedgen.v1.ResumeRequest\x1a\x11.fedgen.v1.Status\x12\x31\n\x04Stop\x12\x16.fedgen.v1.StopRequest\x1a\x11.fedgen.v1.Statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64gen/v1/control.proto\x12\tfedgen.v1\x1a\x15\x66\x65\x64gen/v1/fleet.proto\"\x92\x01\n\x12\x45xportModelRequest\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x17.fedgen.v1.ExportFormat\x12\x10\n\x06latest\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05round\x18\x03 \x01(\x04H\x00\x12\x0e\n\x04\x62\x65st\x18\x04 \x01(\x08H\x00\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\rB\x07\n\x05which\"\xd2\x01\n\rExportedModel\x12%\n\x04task\x18\x01 \x01(\x0b\x32\x17.fedgen.v1.TaskIdentity\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.fedgen.v1.ExportFormat\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\x12\x12\n\ntotal_size\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\"P\n\x0b\x45xportChunk\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x18.fedgen.v1.ExportedModelH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x12\n\x10GetStatusRequest\"\xab\x02\n\x06Status\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.fedgen.v1.FederationState\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x04\x12\x19\n\x11\x63onnected_clients\x18\x05 \x01(\r\x12\x13\n\x0b\x63ohort_size\x18\x06 \x01(\r\x12\x18\n\x10updates_received\x18\x07 \x01(\r\x12\x10\n\x08strategy\x18\x08 \x01(\t\x12\x15\n\rlast_accuracy\x18\t \x01(\x01\x12\x18\n\x10\x65ligible_clients\x18\n \x01(\r\x12%\n\x04task\x18\x0b \x01(\x0b\x32\x17.fedgen.v1.TaskIdentity\"&\n\x10GetLedgerRequest\x12\x12\n\nfrom_round\x18\x01 \x01(\x04\"\xde\x04\n\x10\x43lientRoundEntry\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nbytes_down\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x07 \x01(\x01\x12\x39\n\x07metrics\x18\x08 \x03(\x0b\x32(.fedgen.v1.ClientRoundEntry.MetricsEntry\x12\x16\n\x0emodel_encoding\x18\t \x01(\t\x12\x1a\n\x12generator_encoding\x18\n \x01(\t\x12\x17\n\x0fupload_encoding\x18\x0b \x01(\t\x12\x14\n\x0c\x64own_seconds\x18\x0c \x01(\x01\x12\x12\n\nup_seconds\x18\r \x01(\x01\x12\x1a\n\x12\x65stimated_down_bps\x18\x0e \x01(\x01\x12\x18\n\x10\x65stimated_up_bps\x18\x0f \x01(\x01\x12!\n\x19\x65xpected_transfer_seconds\x18\x10 \x01(\x01\x12N\n\x12\x61rtifact_encodings\x18\x11 \x03(\x0b\x32\x32.fedgen.v1.ClientRoundEntry.ArtifactEncodingsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x38\n\x16\x41rtifactEncodingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x05\n\tLedgerRow\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x13\n\x0b\x63ohort_size\x18\x03 \x01(\r\x12\x11\n\tcompleted\x18\x04 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\r\x12\x10\n\x08rejected\x18\x06 \x01(\r\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x08 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\t \x01(\x01\x12\x19\n\x11\x61ggregate_seconds\x18\n \x01(\x01\x12\x18\n\x10\x65valuate_seconds\x18\x0b \x01(\x01\x12\x15\n\rround_seconds\x18\x0c \x01(\x01\x12\x15\n\rtest_accuracy\x18\r \x01(\x01\x12\x11\n\ttest_loss\x18\x0e \x01(\x01\x12\x16\n\x0eopened_unix_ms\x18\x0f \x01(\x03\x12\x19\n\x11\x63ommitted_unix_ms\x18\x10 \x01(\x03\x12,\n\x07\x63lients\x18\x11 \x03(\x0b\x32\x1b.fedgen.v1.ClientRoundEntry\x12\x30\n\x06\x65xtras\x18\x12 \x03(\x0b\x32 .fedgen.v1.LedgerRow.ExtrasEntry\x12\x14\n\x0cmodel_sha256\x18\x13 \x01(\t\x12)\n\x07skipped\x18\x14 \x03(\x0b\x32\x18.fedgen.v1.SkippedClient\x12\x10\n\x08\x64\x65\x63lined\x18\x15 \x01(\r\x12\x17\n\x0f\x65ncoding_policy\x18\x16 \x01(\t\x12\x1f\n\x17transfer_budget_seconds\x18\x17 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x18 \x01(\r\x1a-\n\x0b\x45xtrasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"2\n\rSkippedClient\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\x06Ledger\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.fedgen.v1.LedgerRow\"\x15\n\x13StreamEventsRequest\"\xa4\x03\n\nRoundEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fedgen.v1.RoundEvent.Kind\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07unix_ms\x18\x03 \x01(\x03\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0b\x63ohort_size\x18\x06 \x01(\r\x12\x18\n\x10updates_received\x18\x07 \x01(\r\x12(\n\nledger_row\x18\x08 \x01(\x0b\x32\x14.fedgen.v1.LedgerRow\"\xce\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11KIND_ROUND_OPENED\x10\x01\x12\x18\n\x14KIND_UPDATE_ACCEPTED\x10\x02\x12\x18\n\x14KIND_UPDATE_REJECTED\x10\x03\x12\x18\n\x14KIND_ROUND_COMMITTED\x10\x04\x12\x15\n\x11KIND_ROUND_FAILED\x10\x05\x12\x1c\n\x18KIND_FEDERATION_FINISHED\x10\x06\x12\x16\n\x12KIND_CLIENT_JOINED\x10\x07\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\r\n\x0bStopRequest*x\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_ONNX\x10\x01\x12\x18\n\x14\x45XPORT_FORMAT_BUNDLE\x10\x02\x12\x17\n\x13\x45XPORT_FORMAT_TORCH\x10\x03*\xb8\x01\n\x0f\x46\x65\x64\x65rationState\x12 \n\x1c\x46\x45\x44\x45RATION_STATE_UNSPECIFIED\x10\x00\x12(\n$FEDERATION_STATE_WAITING_FOR_CLIENTS\x10\x01\x12\x1d\n\x19\x46\x45\x44\x45RATION_STATE_TRAINING\x10\x02\x12\x1b\n\x17\x46\x45\x44\x45RATION_STATE_PAUSED\x10\x03\x12\x1d\n\x19\x46\x45\x44\x45RATION_STATE_FINISHED\x10\x04\x32\xb3\x03\n\x07\x43ontrol\x12;\n\tGetStatus\x12\x1b.fedgen.v1.GetStatusRequest\x1a\x11.fedgen.v1.Status\x12;\n\tGetLedger\x12\x1b.fedgen.v1.GetLedgerRequest\x1a\x11.fedgen.v1.Ledger\x12G\n\x0cStreamEvents\x12\x1e.fedgen.v1.StreamEventsRequest\x1a\x15.fedgen.v1.RoundEvent0\x01\x12\x33\n\x05Pause\x12\x17.fedgen.v1.PauseRequest\x1a\x11.fedgen.v1.Status\x12\x35\n\x06Resume\x12\x18.fedgen.v1.ResumeRequest\x1a\x11.fedgen.v1.Status\x12\x31\n\x04Stop\x12\x16.fedgen.v1.StopRequest\x1a\x11.fedgen.v1.Status\x12\x46\n\x0b\x45xportModel\x12\x1d.fedgen.v1.ExportModelRequest\x1a\x16.fedgen.v1.ExportChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +38,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTROUNDENTRY_ARTIFACTENCODINGSENTRY']._serialized_options = b'8\001'
   _globals['_LEDGERROW_EXTRASENTRY']._loaded_options = None
   _globals['_LEDGERROW_EXTRASENTRY']._serialized_options = b'8\001'
-  _globals['_FEDERATIONSTATE']._serialized_start=2215
-  _globals['_FEDERATIONSTATE']._serialized_end=2399
-  _globals['_GETSTATUSREQUEST']._serialized_start=38
-  _globals['_GETSTATUSREQUEST']._serialized_end=56
-  _globals['_STATUS']._serialized_start=59
-  _globals['_STATUS']._serialized_end=319
-  _globals['_GETLEDGERREQUEST']._serialized_start=321
-  _globals['_GETLEDGERREQUEST']._serialized_end=359
-  _globals['_CLIENTROUNDENTRY']._serialized_start=362
-  _globals['_CLIENTROUNDENTRY']._serialized_end=968
-  _globals['_CLIENTROUNDENTRY_METRICSENTRY']._serialized_start=864
-  _globals['_CLIENTROUNDENTRY_METRICSENTRY']._serialized_end=910
-  _globals['_CLIENTROUNDENTRY_ARTIFACTENCODINGSENTRY']._serialized_start=912
-  _globals['_CLIENTROUNDENTRY_ARTIFACTENCODINGSENTRY']._serialized_end=968
-  _globals['_LEDGERROW']._serialized_start=971
-  _globals['_LEDGERROW']._serialized_end=1620
-  _globals['_LEDGERROW_EXTRASENTRY']._serialized_start=1575
-  _globals['_LEDGERROW_EXTRASENTRY']._serialized_end=1620
-  _globals['_SKIPPEDCLIENT']._serialized_start=1622
-  _globals['_SKIPPEDCLIENT']._serialized_end=1672
-  _globals['_LEDGER']._serialized_start=1674
-  _globals['_LEDGER']._serialized_end=1718
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=1720
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=1741
-  _globals['_ROUNDEVENT']._serialized_start=1744
-  _globals['_ROUNDEVENT']._serialized_end=2164
-  _globals['_ROUNDEVENT_KIND']._serialized_start=1958
-  _globals['_ROUNDEVENT_KIND']._serialized_end=2164
-  _globals['_PAUSEREQUEST']._serialized_start=2166
-  _globals['_PAUSEREQUEST']._serialized_end=2180
-  _globals['_RESUMEREQUEST']._serialized_start=2182
-  _globals['_RESUMEREQUEST']._serialized_end=2197
-  _globals['_STOPREQUEST']._serialized_start=2199
-  _globals['_STOPREQUEST']._serialized_end=2212
-  _globals['_CONTROL']._serialized_start=2402
-  _globals['_CONTROL']._serialized_end=2765
+  _globals['_EXPORTFORMAT']._serialized_start=2720
+  _globals['_EXPORTFORMAT']._serialized_end=2840
+  _globals['_FEDERATIONSTATE']._serialized_start=2843
+  _globals['_FEDERATIONSTATE']._serialized_end=3027
+  _globals['_EXPORTMODELREQUEST']._serialized_start=62
+  _globals['_EXPORTMODELREQUEST']._serialized_end=208
+  _globals['_EXPORTEDMODEL']._serialized_start=211
+  _globals['_EXPORTEDMODEL']._serialized_end=421
+  _globals['_EXPORTCHUNK']._serialized_start=423
+  _globals['_EXPORTCHUNK']._serialized_end=503
+  _globals['_GETSTATUSREQUEST']._serialized_start=505
+  _globals['_GETSTATUSREQUEST']._serialized_end=523
+  _globals['_STATUS']._serialized_start=526
+  _globals['_STATUS']._serialized_end=825
+  _globals['_GETLEDGERREQUEST']._serialized_start=827
+  _globals['_GETLEDGERREQUEST']._serialized_end=865
+  _globals['_CLIENTROUNDENTRY']._serialized_start=868
+  _globals['_CLIENTROUNDENTRY']._serialized_end=1474
+  _globals['_CLIENTROUNDENTRY_METRICSENTRY']._serialized_start=1370
+  _globals['_CLIENTROUNDENTRY_METRICSENTRY']._serialized_end=1416
+  _globals['_CLIENTROUNDENTRY_ARTIFACTENCODINGSENTRY']._serialized_start=1418
+  _globals['_CLIENTROUNDENTRY_ARTIFACTENCODINGSENTRY']._serialized_end=1474
+  _globals['_LEDGERROW']._serialized_start=1477
+  _globals['_LEDGERROW']._serialized_end=2126
+  _globals['_LEDGERROW_EXTRASENTRY']._serialized_start=2081
+  _globals['_LEDGERROW_EXTRASENTRY']._serialized_end=2126
+  _globals['_SKIPPEDCLIENT']._serialized_start=2128
+  _globals['_SKIPPEDCLIENT']._serialized_end=2178
+  _globals['_LEDGER']._serialized_start=2180
+  _globals['_LEDGER']._serialized_end=2224
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=2226
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=2247
+  _globals['_ROUNDEVENT']._serialized_start=2250
+  _globals['_ROUNDEVENT']._serialized_end=2670
+  _globals['_ROUNDEVENT_KIND']._serialized_start=2464
+  _globals['_ROUNDEVENT_KIND']._serialized_end=2670
+  _globals['_PAUSEREQUEST']._serialized_start=2672
+  _globals['_PAUSEREQUEST']._serialized_end=2686
+  _globals['_RESUMEREQUEST']._serialized_start=2688
+  _globals['_RESUMEREQUEST']._serialized_end=2703
+  _globals['_STOPREQUEST']._serialized_start=2705
+  _globals['_STOPREQUEST']._serialized_end=2718
+  _globals['_CONTROL']._serialized_start=3030
+  _globals['_CONTROL']._serialized_end=3465
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ configured with one:  authorization: Bearer <operator token>
 """
 
 from collections import abc as _abc
+from fedgen.v1 import fleet_pb2 as _fleet_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -22,6 +23,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ExportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
+    EXPORT_FORMAT_ONNX: _ExportFormat.ValueType  # 1
+    """ONNX: input "input" (the task's stored examples, e.g. uint8 [N, 28, 28]),
+    output "logits" [N, n_classes]; metadata_props "fedgen.task" describes it.
+    """
+    EXPORT_FORMAT_BUNDLE: _ExportFormat.ValueType  # 2
+    """A fedgen.v1.TensorBundle (fp32), keyed by the split model's state-dict keys."""
+    EXPORT_FORMAT_TORCH: _ExportFormat.ValueType  # 3
+    """torch.save of the same state dict (torch.load(..., weights_only=True))."""
+
+class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper): ...
+
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
+EXPORT_FORMAT_ONNX: ExportFormat.ValueType  # 1
+"""ONNX: input "input" (the task's stored examples, e.g. uint8 [N, 28, 28]),
+output "logits" [N, n_classes]; metadata_props "fedgen.task" describes it.
+"""
+EXPORT_FORMAT_BUNDLE: ExportFormat.ValueType  # 2
+"""A fedgen.v1.TensorBundle (fp32), keyed by the split model's state-dict keys."""
+EXPORT_FORMAT_TORCH: ExportFormat.ValueType  # 3
+"""torch.save of the same state dict (torch.load(..., weights_only=True))."""
+Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 class _FederationState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -45,6 +75,113 @@ FEDERATION_STATE_TRAINING: FederationState.ValueType  # 2
 FEDERATION_STATE_PAUSED: FederationState.ValueType  # 3
 FEDERATION_STATE_FINISHED: FederationState.ValueType  # 4
 Global___FederationState: _TypeAlias = FederationState  # noqa: Y015
+
+@_typing.final
+class ExportModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    LATEST_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    BEST_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    format: Global___ExportFormat.ValueType
+    latest: _builtins.bool
+    """The global model now: the last committed round's (round 0's start before any)."""
+    round: _builtins.int
+    """The global model committed by this round."""
+    best: _builtins.bool
+    """The committed round with the highest test accuracy (the earliest on a tie)."""
+    max_chunk_bytes: _builtins.int
+    """Largest data chunk wanted (0 = the server's chunk size)."""
+    def __init__(
+        self,
+        *,
+        format: Global___ExportFormat.ValueType = ...,
+        latest: _builtins.bool = ...,
+        round: _builtins.int = ...,
+        best: _builtins.bool = ...,
+        max_chunk_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "latest", b"latest", "round", b"round", "which", b"which"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "format", b"format", "latest", b"latest", "max_chunk_bytes", b"max_chunk_bytes", "round", b"round", "which", b"which"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_which: _TypeAlias = _typing.Literal["latest", "round", "best"]  # noqa: Y015
+    _WhichOneofArgType_which: _TypeAlias = _typing.Literal["which", b"which"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_which) -> _WhichOneofReturnType_which | None: ...
+
+Global___ExportModelRequest: _TypeAlias = ExportModelRequest  # noqa: Y015
+
+@_typing.final
+class ExportedModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    TEST_ACCURACY_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    format: Global___ExportFormat.ValueType
+    round: _builtins.int
+    """The round that committed this model; unset `committed` = the initial model."""
+    committed: _builtins.bool
+    test_accuracy: _builtins.float
+    """Test accuracy recorded for it (NaN if it was not evaluated)."""
+    model_sha256: _builtins.str
+    """The global model's artifact id (sha256 of its TensorBundle in the store)."""
+    total_size: _builtins.int
+    """Size and sha256 of the file that the data chunks make up."""
+    sha256: _builtins.str
+    @_builtins.property
+    def task(self) -> _fleet_pb2.TaskIdentity: ...
+    def __init__(
+        self,
+        *,
+        task: _fleet_pb2.TaskIdentity | None = ...,
+        format: Global___ExportFormat.ValueType = ...,
+        round: _builtins.int = ...,
+        committed: _builtins.bool = ...,
+        test_accuracy: _builtins.float = ...,
+        model_sha256: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "format", b"format", "model_sha256", b"model_sha256", "round", b"round", "sha256", b"sha256", "task", b"task", "test_accuracy", b"test_accuracy", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportedModel: _TypeAlias = ExportedModel  # noqa: Y015
+
+@_typing.final
+class ExportChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def model(self) -> Global___ExportedModel: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ExportedModel | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "model", b"model", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "model", b"model", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["model", "data"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ExportChunk: _TypeAlias = ExportChunk  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
@@ -75,6 +212,7 @@ class Status(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     LAST_ACCURACY_FIELD_NUMBER: _builtins.int
     ELIGIBLE_CLIENTS_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     state: Global___FederationState.ValueType
     current_round: _builtins.int
@@ -92,6 +230,10 @@ class Status(_message.Message):
     not declined for memory); the others are listed with a reason in the
     next round's ledger row.
     """
+    @_builtins.property
+    def task(self) -> _fleet_pb2.TaskIdentity:
+        """The task this federation trains."""
+
     def __init__(
         self,
         *,
@@ -105,10 +247,11 @@ class Status(_message.Message):
         strategy: _builtins.str = ...,
         last_accuracy: _builtins.float = ...,
         eligible_clients: _builtins.int = ...,
+        task: _fleet_pb2.TaskIdentity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort_size", b"cohort_size", "connected_clients", b"connected_clients", "current_round", b"current_round", "eligible_clients", b"eligible_clients", "federation_id", b"federation_id", "last_accuracy", b"last_accuracy", "state", b"state", "strategy", b"strategy", "total_rounds", b"total_rounds", "updates_received", b"updates_received"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort_size", b"cohort_size", "connected_clients", b"connected_clients", "current_round", b"current_round", "eligible_clients", b"eligible_clients", "federation_id", b"federation_id", "last_accuracy", b"last_accuracy", "state", b"state", "strategy", b"strategy", "task", b"task", "total_rounds", b"total_rounds", "updates_received", b"updates_received"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

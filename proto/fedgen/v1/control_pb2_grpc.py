@@ -64,6 +64,11 @@ class ControlStub:
                 request_serializer=fedgen_dot_v1_dot_control__pb2.StopRequest.SerializeToString,
                 response_deserializer=fedgen_dot_v1_dot_control__pb2.Status.FromString,
                 _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/fedgen.v1.Control/ExportModel',
+                request_serializer=fedgen_dot_v1_dot_control__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=fedgen_dot_v1_dot_control__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -112,6 +117,17 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportModel(self, request, context):
+        """The trained global model as a file to deploy: ONNX (the task's
+        preprocessing included; runs in onnxruntime without torch), a TensorBundle
+        or a torch state dict. The first message describes it, the file's bytes
+        follow in order. A round that is not committed is NOT_FOUND; "best" before
+        any round was evaluated is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +160,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Stop,
                     request_deserializer=fedgen_dot_v1_dot_control__pb2.StopRequest.FromString,
                     response_serializer=fedgen_dot_v1_dot_control__pb2.Status.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=fedgen_dot_v1_dot_control__pb2.ExportModelRequest.FromString,
+                    response_serializer=fedgen_dot_v1_dot_control__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +329,33 @@ class Control:
             '/fedgen.v1.Control/Stop',
             fedgen_dot_v1_dot_control__pb2.StopRequest.SerializeToString,
             fedgen_dot_v1_dot_control__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedgen.v1.Control/ExportModel',
+            fedgen_dot_v1_dot_control__pb2.ExportModelRequest.SerializeToString,
+            fedgen_dot_v1_dot_control__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

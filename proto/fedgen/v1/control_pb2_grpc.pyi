@@ -49,6 +49,13 @@ class ControlStub:
     """Undoes Pause: rounds open again as soon as enough clients are eligible."""
     Stop: _grpc.UnaryUnaryMultiCallable[_control_pb2.StopRequest, _control_pb2.Status]
     """Ends the federation after the current round commits."""
+    ExportModel: _grpc.UnaryStreamMultiCallable[_control_pb2.ExportModelRequest, _control_pb2.ExportChunk]
+    """The trained global model as a file to deploy: ONNX (the task's
+    preprocessing included; runs in onnxruntime without torch), a TensorBundle
+    or a torch state dict. The first message describes it, the file's bytes
+    follow in order. A round that is not committed is NOT_FOUND; "best" before
+    any round was evaluated is FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -67,6 +74,13 @@ class ControlAsyncStub(ControlStub):
     """Undoes Pause: rounds open again as soon as enough clients are eligible."""
     Stop: _aio.UnaryUnaryMultiCallable[_control_pb2.StopRequest, _control_pb2.Status]  # type: ignore[assignment]
     """Ends the federation after the current round commits."""
+    ExportModel: _aio.UnaryStreamMultiCallable[_control_pb2.ExportModelRequest, _control_pb2.ExportChunk]  # type: ignore[assignment]
+    """The trained global model as a file to deploy: ONNX (the task's
+    preprocessing included; runs in onnxruntime without torch), a TensorBundle
+    or a torch state dict. The first message describes it, the file's bytes
+    follow in order. A round that is not committed is NOT_FOUND; "best" before
+    any round was evaluated is FAILED_PRECONDITION.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -118,5 +132,18 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.Status, _abc.Awaitable[_control_pb2.Status]]:
         """Ends the federation after the current round commits."""
+
+    @_abc_1.abstractmethod
+    def ExportModel(
+        self,
+        request: _control_pb2.ExportModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.ExportChunk], _abc.AsyncIterator[_control_pb2.ExportChunk]]:
+        """The trained global model as a file to deploy: ONNX (the task's
+        preprocessing included; runs in onnxruntime without torch), a TensorBundle
+        or a torch state dict. The first message describes it, the file's bytes
+        follow in order. A round that is not committed is NOT_FOUND; "best" before
+        any round was evaluated is FAILED_PRECONDITION.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

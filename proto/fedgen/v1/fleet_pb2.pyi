@@ -18,7 +18,8 @@ Status codes (the message always names what was wrong):
   UNAUTHENTICATED      bad enrollment token, unknown client, bad credential
   INVALID_ARGUMENT     malformed request: wrong tensor keys/shapes/dtypes,
                        non-finite values, bad counts, digest mismatch
-  FAILED_PRECONDITION  the round or task is not open (stale or future round)
+  FAILED_PRECONDITION  the round or task is not open (stale or future round);
+                       at Join: the client's task is not the coordinator's
   NOT_FOUND            unknown artifact id
   OUT_OF_RANGE         download offset beyond the artifact's end
   RESOURCE_EXHAUSTED   message, chunk or update larger than the limits
@@ -171,12 +172,50 @@ class DeviceState(_message.Message):
 Global___DeviceState: _TypeAlias = DeviceState  # noqa: Y015
 
 @_typing.final
+class TaskIdentity(_message.Message):
+    """What a client federates: the model and data its updates are made of. A
+    client and the coordinator must agree on all three fields; a client with
+    another task or version is refused at Join (FAILED_PRECONDITION naming both)
+    and the next round's ledger row lists it among the skipped.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_SPEC_SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The task's name, e.g. "mnist", "cifar10" or a user's own."""
+    version: _builtins.str
+    """The task's version; bump it when the model or preprocessing changes."""
+    state_spec_sha256: _builtins.str
+    """Lower-case hex sha256 of the task's state spec: the UTF-8 JSON text of
+    [[key, shape, dtype], ...] sorted by key, dtype in numpy's str form
+    ("<f4", "<i8"), JSON separators ", " and ": " (Python's json.dumps).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        state_spec_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "state_spec_sha256", b"state_spec_sha256", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskIdentity: _TypeAlias = TaskIdentity  # noqa: Y015
+
+@_typing.final
 class JoinRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     REQUESTED_CLIENT_ID_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     enrollment_token: _builtins.str
     requested_client_id: _builtins.str
     """A client that joined before may ask to keep its id (e.g. after a restart);
@@ -184,16 +223,23 @@ class JoinRequest(_message.Message):
     """
     @_builtins.property
     def profile(self) -> Global___DeviceProfile: ...
+    @_builtins.property
+    def task(self) -> Global___TaskIdentity:
+        """The task this client trains. Unset: not checked at Join (every upload is
+        still checked against the coordinator's state spec).
+        """
+
     def __init__(
         self,
         *,
         enrollment_token: _builtins.str = ...,
         profile: Global___DeviceProfile | None = ...,
         requested_client_id: _builtins.str = ...,
+        task: Global___TaskIdentity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "profile", b"profile", "requested_client_id", b"requested_client_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "profile", b"profile", "requested_client_id", b"requested_client_id", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -207,12 +253,17 @@ class JoinResponse(_message.Message):
     CREDENTIAL_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     credential: _builtins.str
     """Secret to send as `authorization: Bearer <credential>` on every later call."""
     heartbeat_interval_ms: _builtins.int
     """How often the coordinator expects a Heartbeat or PollTask."""
     federation_id: _builtins.str
+    @_builtins.property
+    def task(self) -> Global___TaskIdentity:
+        """The coordinator's task (what this client agreed to train)."""
+
     def __init__(
         self,
         *,
@@ -220,10 +271,11 @@ class JoinResponse(_message.Message):
         credential: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         federation_id: _builtins.str = ...,
+        task: Global___TaskIdentity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "credential", b"credential", "federation_id", b"federation_id", "heartbeat_interval_ms", b"heartbeat_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "credential", b"credential", "federation_id", b"federation_id", "heartbeat_interval_ms", b"heartbeat_interval_ms", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

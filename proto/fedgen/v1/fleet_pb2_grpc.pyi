@@ -18,7 +18,8 @@ Status codes (the message always names what was wrong):
   UNAUTHENTICATED      bad enrollment token, unknown client, bad credential
   INVALID_ARGUMENT     malformed request: wrong tensor keys/shapes/dtypes,
                        non-finite values, bad counts, digest mismatch
-  FAILED_PRECONDITION  the round or task is not open (stale or future round)
+  FAILED_PRECONDITION  the round or task is not open (stale or future round);
+                       at Join: the client's task is not the coordinator's
   NOT_FOUND            unknown artifact id
   OUT_OF_RANGE         download offset beyond the artifact's end
   RESOURCE_EXHAUSTED   message, chunk or update larger than the limits
