@@ -1,0 +1,1 @@
+"""An example fedgen task: machine-vibration windows from a 3-axis accelerometer."""
