@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -95,6 +96,25 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def source_commit() -> dict[str, Any]:
+    """The commit the measured code came from, and whether the working tree differed from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head, "dirty": bool(status.strip())}
+
+
 def _json_safe(value: Any) -> Any:
     """NaN/inf are not JSON: write them as null (a round that was not evaluated has NaN accuracy)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -119,13 +139,14 @@ def write_results(
     out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra or {})
-    reserved = {"command", "date", "machine", "rows"} & extra.keys()
+    reserved = {"command", "date", "machine", "source", "rows"} & extra.keys()
     if reserved:
         raise ValueError(f"extra keys clash with reserved ones: {sorted(reserved)}")
     doc = {
         "command": command,
         "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "machine": machine_info(),
+        "source": source_commit(),
         **extra,
         "rows": list(rows),
     }

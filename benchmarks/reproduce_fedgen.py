@@ -4,8 +4,15 @@ Every run is a LocalFederation: one coordinator process and one edge-client proc
 talking over loopback gRPC. The setting is FedGen's (Zhu et al., ICML 2021; shared/FEDGEN_FACTS.md
 sections 4-7): 20 users, Dirichlet label skew alpha, 1,500 training images per class (15,000 in all),
 10 users per round, 20 local SGD steps of batch 32 at lr 0.01 * 0.99**round, FedProx mu = 0.001,
-FedGen's official MNIST RUNCONFIGS (the coordinator's `[fedgen]` defaults). For one (alpha, seed)
-the same partition and the same local test splits serve all three strategies.
+FedGen's official MNIST RUNCONFIGS (the coordinator's `[fedgen]` defaults).
+
+The partition is, by default, the official one (`--partition official`, official_partition.py): the
+official script's fixed draw (its RNGs seeded with 42), the same for every seed, as in the official
+runs, with its local test splits (consecutive test images per label, in file order). Seeds then vary
+only the training (client sampling, batches, initial model, generator). `--partition per-seed` draws a
+new Dirichlet partition for every seed instead (this project's `fedgen partition`). Either way, for one
+(alpha, seed) the same partition and local test splits serve every strategy. The model is the task's
+(`--task`: the paper's CNN on MNIST or Fashion-MNIST, or the residual network on Fashion-MNIST).
 
 Two metrics per run, side by side:
   paper  - FedGen's reported number: every committed round's global model evaluated on all 20 users'
@@ -15,6 +22,7 @@ Two metrics per run, side by side:
   global - the final round's global model on the full 10,000-image test set; mean and std over seeds.
 
     python benchmarks/reproduce_fedgen.py --alphas 0.1 --seeds 0 --rounds 5 --out runs/repro_smoke
+    python benchmarks/reproduce_fedgen.py --alphas 0.1 --seeds 0 --strategies fedavg,fedgen --out runs/repro
     python benchmarks/reproduce_fedgen.py --alphas 0.1,0.05 --seeds 0,1,2 --out runs/repro_full --resume
     python benchmarks/reproduce_fedgen.py --out runs/repro_full --summarise-only
 
@@ -39,14 +47,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
 import numpy as np
-from common import REPO_ROOT, RESULTS_DIR, BenchmarkError, command_line, machine_info, shared_data_dir, write_results
+from common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    BenchmarkError,
+    command_line,
+    machine_info,
+    shared_data_dir,
+    source_commit,
+    write_results,
+)
+from official_partition import official_partition
 from rich.console import Console
 from rich.table import Table
 
 from fedgen.coordinator.config import ConfigError, CoordinatorConfig, load_config
 from fedgen.coordinator.evaluation import evaluate_state
 from fedgen.coordinator.ledger import read_jsonl
-from fedgen.coordinator.local import LocalFederation, write_shards
+from fedgen.coordinator.local import LocalFederation
 from fedgen.coordinator.plots import save_figure
 from fedgen.core.data import (
     DataError,
@@ -54,10 +72,10 @@ from fedgen.core.data import (
     dirichlet_partition,
     label_histogram,
     label_restricted_test_split,
-    load_idx_dataset,
     load_shard,
-    normalize_images,
+    save_shard,
 )
+from fedgen.core.task import PreparedTask, TaskError, prepare
 from fedgen.export.codec import bundle_from_bytes, decode_state
 from fedgen.v1 import control_pb2
 
@@ -68,7 +86,18 @@ PER_ROUND = 10
 SAMPLES_PER_CLASS = 1500
 STRATEGIES = ("fedavg", "fedprox", "fedgen")
 LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedgen": "FedGen"}
-DATASETS = {"mnist": ("mnist", "reproduce_fedgen"), "fashion-mnist": ("fashion-mnist", "reproduce_fedgen_fashion")}
+#: Task -> (its data folder under shared/data, the results' name stem).
+TASKS = {
+    "mnist": ("mnist", "reproduce_fedgen"),
+    "fashion-mnist": ("fashion-mnist", "reproduce_fedgen_fashion"),
+    "fashion-mnist-resnet": ("fashion-mnist", "reproduce_fedgen_fashion_resnet"),
+}
+PARTITIONS = ("official", "per-seed")
+
+
+def results_name(task: str, partition: str) -> str:
+    return TASKS[task][1] + ("" if partition == "official" else "_perseed")
+
 
 # FedGen paper, Table 1 (MNIST, widely cited; not checked against the PDF: approximate), in %.
 PAPER_TABLE1 = {
@@ -140,12 +169,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", type=_names, default=list(STRATEGIES), help="comma-separated")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument(
-        "--dataset",
-        choices=sorted(DATASETS),
+        "--task",
+        choices=sorted(TASKS),
         default="mnist",
-        help="fashion-mnist is an extension (same setting), not in the paper",
+        help="the built-in task: the paper's CNN on MNIST (the paper's setting) or Fashion-MNIST (an "
+        "extension), or a residual network on Fashion-MNIST",
     )
-    p.add_argument("--data-dir", type=Path, default=None, help="IDX files (default: shared/data/<dataset>)")
+    p.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default="official",
+        help="official: the official script's fixed partition for every seed; per-seed: a new draw per seed",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="IDX files (default: shared/data/<the task's>)")
     p.add_argument(
         "--teacher-weighting", choices=("per_sample", "official"), default="per_sample", help="fedgen.teacher_weighting"
     )
@@ -176,39 +212,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- data
 
 
-def run_key(dataset: str, alpha: float, seed: int, strategy: str) -> str:
-    return f"{dataset}_a{alpha:g}_s{seed}_{strategy}"
+def run_key(task: str, partition: str, alpha: float, seed: int, strategy: str) -> str:
+    return f"{task}_{partition}_a{alpha:g}_s{seed}_{strategy}"
 
 
 def prepare_shards(
-    console: Console, train: Dataset, test: Dataset, out: Path, dataset: str, alpha: float, seed: int
+    console: Console, train: Dataset, test: Dataset, out: Path, name: str, partition: str, alpha: float, seed: int
 ) -> tuple[list[Path], dict[str, Any]]:
-    """One partition per (alpha, seed), shared by every strategy; written once, checked on reuse."""
-    parts = dirichlet_partition(train.labels, N_USERS, alpha, seed=seed, samples_per_class=SAMPLES_PER_CLASS)
-    test_parts = label_restricted_test_split(test.labels, [train.labels[p] for p in parts], seed=seed)
+    """One partition per (alpha, seed) (per alpha for the official one), shared by every strategy;
+    written once, checked on reuse."""
+    if partition == "official":
+        parts, test_parts = official_partition(train.labels, test.labels, N_USERS, alpha)
+        shard_dir = out / "shards" / f"{name}_official_a{alpha:g}"
+    else:
+        parts = dirichlet_partition(train.labels, N_USERS, alpha, seed=seed, samples_per_class=SAMPLES_PER_CLASS)
+        test_parts = label_restricted_test_split(test.labels, [train.labels[p] for p in parts], seed=seed)
+        shard_dir = out / "shards" / f"{name}_a{alpha:g}_s{seed}"
     hist = label_histogram(train.labels, parts, 10)
-    shard_dir = out / "shards" / f"{dataset}_a{alpha:g}_s{seed}"
     paths = [shard_dir / f"client-{k:02d}.npz" for k in range(N_USERS)]
     if not all(p.exists() for p in paths):
-        # write_shards re-runs dirichlet_partition with these same arguments: the same parts.
-        paths, hist_w = write_shards(
-            train,
-            shard_dir,
-            N_USERS,
-            alpha,
-            seed,
-            samples_per_class=SAMPLES_PER_CLASS,
-            test=test,
-            test_parts=test_parts,
-        )
-        if not np.array_equal(hist_w, hist):
-            raise BenchmarkError(f"write_shards partitioned differently from dirichlet_partition ({shard_dir})")
-    for k, path in enumerate(paths):  # cheap check that the shards on disk are this partition
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        for k, path in enumerate(paths):
+            save_shard(path, train.subset(parts[k]), test.subset(test_parts[k]))
+    for k, path in enumerate(paths):  # a check that the shards on disk are this partition
         tr, te = load_shard(path)
-        if len(tr) != len(parts[k]) or te is None or len(te) != len(test_parts[k]):
+        if te is None or not np.array_equal(tr.labels, train.labels[parts[k]]) or len(te) != len(test_parts[k]):
             raise BenchmarkError(f"{path} does not hold partition (alpha={alpha}, seed={seed}); delete {shard_dir}")
     local_idx = np.concatenate(test_parts)
     info = {
+        "partition": partition,
         "train_images": int(hist.sum()),
         "label_histogram": hist.tolist(),
         "train_sizes": [len(p) for p in parts],
@@ -217,12 +249,12 @@ def prepare_shards(
         "local_test_total": len(local_idx),
     }
     console.print(
-        f"partition {dataset} alpha={alpha:g} seed={seed}: {info['train_images']} train images, "
+        f"partition {name} ({partition}) alpha={alpha:g} seed={seed}: {info['train_images']} train images, "
         f"user sizes {min(info['train_sizes'])}..{max(info['train_sizes'])}, labels/user "
         f"{min(info['labels_per_user'])}..{max(info['labels_per_user'])}, "
         f"local test {info['local_test_total']} images; shards {shard_dir}"
     )
-    return paths, {**info, "_local_test": (normalize_images(test.images[local_idx]), test.labels[local_idx])}
+    return paths, {**info, "_local_test": test.subset(local_idx)}
 
 
 # --------------------------------------------------------------------------- one run
@@ -253,6 +285,7 @@ def build_config(
                 "proximal_mu": 0.001,
             },
             "fedgen": {"teacher_weighting": args.teacher_weighting, "device": args.device},
+            "task": {"name": args.task},
             "data": {"test_data_dir": str(data_dir), "evaluate_every": 1},
         },
     )
@@ -286,19 +319,18 @@ def run_federation(console: Console, fed: LocalFederation, label: str, rounds: i
 
 
 def paper_accuracies(
-    state_dir: Path, rows: list[dict[str, Any]], local_test: tuple[np.ndarray, np.ndarray]
+    task: PreparedTask, state_dir: Path, rows: list[dict[str, Any]], local_test: Dataset
 ) -> list[float]:
     """Every committed global model on the concatenated local test splits of all users."""
     import torch
 
     torch.set_num_threads(2)
-    images, labels = local_test
     out = []
     for r in rows:
         sha = r["model_sha256"]
         blob = state_dir / "blobs" / sha[:2] / sha
         state = decode_state(bundle_from_bytes(blob.read_bytes()))
-        out.append(evaluate_state(state, images, labels).accuracy)
+        out.append(evaluate_state(task, state, local_test).accuracy)
     return out
 
 
@@ -354,12 +386,15 @@ def do_run(
         )
         return None
     t0 = time.monotonic()
-    paper = paper_accuracies(run_dir / "state", rows, part["_local_test"])
+    paper = paper_accuracies(prepare(args.task), run_dir / "state", rows, part["_local_test"])
     eval_seconds = time.monotonic() - t0
     global_acc = [None if r.get("test_accuracy") is None else float(r["test_accuracy"]) for r in rows]
     gen_cuda = _extra_series(rows, "generator_on_cuda")
     record = {
-        "dataset": args.dataset,
+        "dataset": args.task,
+        "task": args.task,
+        "partition": args.partition,
+        "source": source_commit(),
         "alpha": alpha,
         "seed": seed,
         "strategy": strategy,
@@ -381,7 +416,7 @@ def do_run(
         "coordinator_exit_code": coord_code,
         "federation_seconds": round(fed_seconds, 1),
         "paper_eval_seconds": round(eval_seconds, 1),
-        "partition": {k: v for k, v in part.items() if not k.startswith("_")},
+        "partition_info": {k: v for k, v in part.items() if not k.startswith("_")},
         "coordinator_config": config.model_dump(mode="json"),
         "client_threads": args.client_threads,
         "run_dir": str(run_dir),
@@ -412,11 +447,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def load_records(out: Path, dataset: str, rounds: int) -> tuple[list[dict[str, Any]], list[str]]:
+def load_records(out: Path, task: str, partition: str, rounds: int) -> tuple[list[dict[str, Any]], list[str]]:
     records, skipped = [], []
-    for path in sorted((out / "results").glob(f"{dataset}_a*_s*_*.json")):
+    for path in sorted((out / "results").glob(f"{task}_{partition}_a*_s*_*.json")):
         rec = json.loads(path.read_text())
-        if rec.get("dataset") != dataset:
+        if rec.get("task") != task or rec.get("partition") != partition:
             continue
         if rec["rounds"] != rounds:
             skipped.append(f"{path.name} ({rec['rounds']} rounds, not {rounds})")
@@ -608,19 +643,20 @@ def plot(curves: dict[str, Any], path: Path, title: str) -> Path:
 
 
 def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | None) -> int:
-    name = DATASETS[args.dataset][1]
-    records, skipped = load_records(args.out, args.dataset, args.rounds)
+    name = results_name(args.task, args.partition)
+    records, skipped = load_records(args.out, args.task, args.partition, args.rounds)
     for s in skipped:
         console.print(f"[yellow]ignoring {s}[/yellow]")
     if not records:
         console.print(
-            f"[red]no finished {args.dataset} runs with {args.rounds} rounds under {args.out / 'results'}[/red]"
+            f"[red]no finished {args.task} ({args.partition}) runs with {args.rounds} rounds under "
+            f"{args.out / 'results'}[/red]"
         )
         return 1
     rows, curves = summarise(records, args.rounds)
     tw = sorted({r["coordinator_config"]["fedgen"]["teacher_weighting"] for r in records if r["strategy"] == "fedgen"})
     teacher_weighting = ",".join(tw) or args.teacher_weighting
-    print_table(console, args.dataset, rows, teacher_weighting)
+    print_table(console, f"{args.task} ({args.partition} partition)", rows, teacher_weighting)
     runs = [
         {
             k: rec[k]
@@ -639,9 +675,13 @@ def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | 
         }
         for rec in records
     ]
-    partitions = {f"a{rec['alpha']:g}_s{rec['seed']}": rec["partition"] for rec in records}
+    partitions = {f"a{rec['alpha']:g}_s{rec['seed']}": rec["partition_info"] for rec in records}
+    sources = sorted({json.dumps(rec.get("source"), sort_keys=True) for rec in records})
     extra = {
-        "dataset": args.dataset,
+        "dataset": TASKS[args.task][0],
+        "task": args.task,
+        "partition": args.partition,
+        "runs_source": [json.loads(x) for x in sources],
         "setting": {
             "users": N_USERS,
             "users_per_round": PER_ROUND,
@@ -663,7 +703,7 @@ def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | 
                 f"{a:g}": {s: {"mean": m, "std": sd} for s, (m, sd) in v.items()} for a, v in MAINTAINER_RERUN.items()
             },
         }
-        if args.dataset == "mnist"
+        if args.task == "mnist"
         else None,
         "notes": NOTES,
         "work_dir": str(args.out),
@@ -675,7 +715,7 @@ def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | 
     png = plot(
         curves,
         args.results_dir / f"{name}.png",
-        f"{args.dataset}: FedAvg / FedProx / FedGen, 20 users (10/round), mean over seeds\n"
+        f"{args.task} ({args.partition} partition): FedAvg / FedProx / FedGen, 20 users (10/round), mean over seeds\n"
         f"solid = global model on the 10k test set, dashed = paper metric (local test splits)",
     )
     console.print(f"results: {json_path}, {json_path.with_suffix('.csv')}, {png}")
@@ -692,15 +732,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise_only:
         return write_summary(console, args, argv)
     try:
-        data_dir = args.data_dir if args.data_dir is not None else shared_data_dir() / DATASETS[args.dataset][0]
-        train = load_idx_dataset(data_dir, "train")
-        test = load_idx_dataset(data_dir, "test")
-    except (BenchmarkError, DataError, ConfigError) as err:
+        data_dir = args.data_dir if args.data_dir is not None else shared_data_dir() / TASKS[args.task][0]
+        task = prepare(args.task)
+        train = task.check(task.task.read_source(str(data_dir), "train"), str(data_dir))
+        test = task.check(task.task.read_source(str(data_dir), "test"), str(data_dir))
+    except (BenchmarkError, DataError, ConfigError, TaskError) as err:
         console.print(f"[red]reproduce_fedgen: {err}[/red]")
         return 2
     info = machine_info()
     console.print(
-        f"reproduce_fedgen: {args.dataset} from {data_dir}; alphas {args.alphas}, seeds {args.seeds}, "
+        f"reproduce_fedgen: task {args.task} ({args.partition} partition) from {data_dir}; "
+        f"alphas {args.alphas}, seeds {args.seeds}, "
         f"strategies {args.strategies}, {args.rounds} rounds; fedgen device {args.device} "
         f"(torch sees: {info['device']}); work dir {args.out}"
     )
@@ -710,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             todo = []
             for strategy in args.strategies:
-                result_path = args.out / "results" / f"{run_key(args.dataset, alpha, seed, strategy)}.json"
+                key = run_key(args.task, args.partition, alpha, seed, strategy)
+                result_path = args.out / "results" / f"{key}.json"
                 if (
                     args.resume
                     and result_path.exists()
@@ -722,7 +765,9 @@ def main(argv: list[str] | None = None) -> int:
             if not todo:
                 continue
             try:
-                shards, part = prepare_shards(console, train, test, args.out, args.dataset, alpha, seed)
+                shards, part = prepare_shards(
+                    console, train, test, args.out, TASKS[args.task][0], args.partition, alpha, seed
+                )
             except (BenchmarkError, DataError) as err:
                 console.print(f"[red]{err}[/red]")
                 failures.append(f"alpha={alpha} seed={seed}: {err}")
@@ -730,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             for strategy, result_path in todo:
                 rec = do_run(console, args, data_dir, shards, part, alpha, seed, strategy, result_path)
                 if rec is None:
-                    failures.append(run_key(args.dataset, alpha, seed, strategy))
+                    failures.append(run_key(args.task, args.partition, alpha, seed, strategy))
                 console.print(f"campaign elapsed {time.monotonic() - campaign_t0:.0f} s")
     code = write_summary(console, args, argv)
     if failures:
