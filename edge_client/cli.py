@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="artifact cache (default ~/.cache/fedgen/<id>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument(
+        "--onednn",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="oneDNN kernels: auto = timed for the task at start-up (small models never load them)",
+    )
+    p.add_argument(
         "--memory-budget-mb",
         type=int,
         default=0,
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         memory_budget_mb=args.memory_budget_mb,
         task=args.task,
+        onednn=args.onednn,
         seed=args.seed,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,

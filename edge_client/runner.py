@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import numpy as np
@@ -40,6 +41,7 @@ from fedgen.edge.trainer import (
     LocalTrainer,
     TrainPlan,
     activation_bytes_per_example,
+    choose_onednn,
     latent_bytes_per_example,
     warm_up,
 )
@@ -83,6 +85,8 @@ class ClientSettings:
     memory_budget_mb: int = 0
     # The task this device trains: a built-in's name or an import path package.module:Class.
     task: str = "mnist"
+    # oneDNN kernels: "auto" times them for the task (small models never load them), or on/off.
+    onednn: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     call_timeout_s: float = 30.0
     # TLS: the CA bundle that signed the coordinator (or a proxy in front of it); a client
@@ -202,12 +206,15 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     torch.set_num_threads(max(1, settings.threads))
     with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
         torch.set_num_interop_threads(1)
-    # oneDNN's kernels and caches cost ~20 MB resident and are slower for this small CNN on one
-    # thread (measured: 0.047 vs 0.080 s per 20-step round on x86_64), so a device does without.
-    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # the stubs type the flag as its descriptor
     if not torch.backends.nnpack.is_available():  # e.g. arm64 without /sys: else a warning per convolution
         torch.backends.nnpack.set_flags(False)
     prepared = prepare(settings.task)
+    if settings.onednn == "auto":
+        _, why = choose_onednn(prepared)
+    else:
+        torch.backends.mkldnn.enabled = settings.onednn == "on"  # type: ignore[assignment]  # a descriptor in the stubs
+        why = f"{settings.onednn} (--onednn)"
+    _LOGGER.info("oneDNN %s", why)
     train, test = read_local_data(prepared, settings.data_path)
     # Examples stay as stored (uint8 pixels: 1 byte each) and are preprocessed a batch at a time.
     trainer = LocalTrainer(prepared, train.samples, train.labels, settings.seed)

@@ -243,3 +243,38 @@ def latent_bytes_per_example(task: PreparedTask) -> int:
     """The same for one generated latent: the latent itself, its target, and what the head saves."""
     head = 2 * (_saved_bytes(task, 16, head_only=True) - _saved_bytes(task, 8, head_only=True)) // 8
     return max(256, head + 3 * 4 * (task.latent_dim + task.task.n_classes))
+
+
+#: Models whose examples hold more than this during a step are timed with oneDNN (the MNIST CNN's
+#: hold 53 KB, the HAR network's 223 KB, the Fashion-MNIST ResNet's 1.6 MB): a deterministic gate.
+ONEDNN_PROBE_ABOVE_BYTES = 256 * 1024
+
+
+def _step_seconds(task: PreparedTask, steps: int = 3, batch: int = 32) -> float:
+    model = task.model()
+    model.train()
+    x, y = _dry_batch(task, batch), torch.zeros(batch, dtype=torch.long)
+    F.cross_entropy(model(x), y).backward()  # first-pass allocations are not the step's
+    started = time.process_time()
+    for _ in range(steps):
+        F.cross_entropy(model(x), y).backward()
+    return (time.process_time() - started) / steps
+
+
+def choose_onednn(task: PreparedTask) -> tuple[bool, str]:
+    """Whether this task trains faster with oneDNN on this device, and why (measured, not assumed).
+
+    oneDNN's kernels and caches cost ~20 MB resident and are slower for small models on one thread
+    (the MNIST CNN: 0.047 vs 0.080 s per 20-step round on x86_64), so a small model never loads them;
+    a model with larger activations is timed both ways (a ResNet of 78 k parameters: 1.5x faster with).
+    """
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # the stubs type the flag as its descriptor
+    per_example = activation_bytes_per_example(task)
+    if per_example < ONEDNN_PROBE_ABOVE_BYTES or not torch.backends.mkldnn.is_available():
+        return False, f"off ({per_example / 1024:.0f} KiB of activations an example: too small to gain)"
+    without = _step_seconds(task)
+    torch.backends.mkldnn.enabled = True  # type: ignore[assignment]
+    with_ = _step_seconds(task)
+    use = with_ < 0.9 * without
+    torch.backends.mkldnn.enabled = use  # type: ignore[assignment]
+    return use, f"{'on' if use else 'off'} (a step: {1000 * with_:.0f} ms with, {1000 * without:.0f} ms without)"

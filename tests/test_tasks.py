@@ -23,7 +23,7 @@ from fedgen.core.data import DataError, Dataset
 from fedgen.core.models import state_to_numpy
 from fedgen.core.task import InputSpec, Task, TaskError, available_tasks, load_task, prepare, spec_digest
 from fedgen.core.tasks.cifar10 import read_cifar_binary
-from fedgen.edge.trainer import activation_bytes_per_example, latent_bytes_per_example
+from fedgen.edge.trainer import activation_bytes_per_example, choose_onednn, latent_bytes_per_example
 from fedgen.export.model_export import model_to_bundle, model_to_torch
 
 
@@ -267,3 +267,12 @@ def test_a_state_folder_of_another_task_is_refused(tmp_path: Path, fashion_dir: 
     ):
         asyncio.run(start(other))
     asyncio.run(start({}))  # and the MNIST one resumes
+
+
+def test_onednn_is_timed_only_for_models_big_enough_to_gain() -> None:
+    use, why = choose_onednn(prepare("mnist"))
+    assert not use and "too small to gain" in why and not torch.backends.mkldnn.enabled
+    use, why = choose_onednn(prepare("cifar10"))
+    assert ("with" in why and "without" in why) or not torch.backends.mkldnn.is_available()
+    assert torch.backends.mkldnn.enabled == use
+    torch.backends.mkldnn.enabled = True  # type: ignore[assignment]  # as the rest of the suite expects
