@@ -558,10 +558,12 @@ def reference_text(dataset: str, alpha: float, strategy: str) -> str:
     return " / ".join(parts) or "—"
 
 
-def print_table(console: Console, dataset: str, rows: list[dict[str, Any]], teacher_weighting: str) -> None:
+def print_table(
+    console: Console, dataset: str, rows: list[dict[str, Any]], teacher_weighting: str, title: str = ""
+) -> None:
     alphas = sorted({r["alpha"] for r in rows})
     table = Table(
-        title=f"{dataset}: accuracy (%) after {rows[0]['rounds']} rounds, 20 users (10/round), "
+        title=f"{title or dataset}: accuracy (%) after {rows[0]['rounds']} rounds, 20 users (10/round), "
         f"teacher_weighting={teacher_weighting}",
         title_justify="left",
         show_lines=True,
@@ -656,7 +658,7 @@ def write_summary(console: Console, args: argparse.Namespace, argv: list[str] | 
     rows, curves = summarise(records, args.rounds)
     tw = sorted({r["coordinator_config"]["fedgen"]["teacher_weighting"] for r in records if r["strategy"] == "fedgen"})
     teacher_weighting = ",".join(tw) or args.teacher_weighting
-    print_table(console, f"{args.task} ({args.partition} partition)", rows, teacher_weighting)
+    print_table(console, args.task, rows, teacher_weighting, f"{args.task} ({args.partition} partition)")
     runs = [
         {
             k: rec[k]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 NoiseKind = Literal["uniform", "normal"]
 TeacherWeighting = Literal["per_sample", "official"]
@@ -112,11 +112,15 @@ class GeneratorTrainConfig:
 
 class Teachers:
     """The cohort's heads: one head module (the task's) and each client's weights for it, applied
-    functionally, so any small module can be a teacher and no copy of it is made per client."""
+    functionally, so any small module can be a teacher and no copy of it is made per client. The
+    weights are stacked and the head vectorised over them (torch.func.vmap), one call for all
+    teachers; a head vmap cannot batch is called once per teacher instead."""
 
     def __init__(self, head: nn.Module, weights: Sequence[Mapping[str, torch.Tensor]]) -> None:
         self.head = head.eval()
         self.weights = [dict(w) for w in weights]
+        self._stacked = {k: torch.stack([w[k] for w in self.weights]) for k in self.weights[0]} if weights else {}
+        self._vectorised = True
 
     @classmethod
     def linear(cls, weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Teachers:
@@ -132,6 +136,16 @@ class Teachers:
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """[K, B, C]: every teacher's logits for latents z [B, D]."""
+        if type(self.head) is nn.Linear:  # the common head: one batched matmul
+            return torch.baddbmm(
+                self._stacked["bias"].unsqueeze(1), z.expand(len(self), -1, -1), self._stacked["weight"].transpose(1, 2)
+            )
+        if self._vectorised:
+            try:
+                out: torch.Tensor = vmap(lambda w: functional_call(self.head, w, (z,)))(self._stacked)
+                return out
+            except RuntimeError:  # an op without a batching rule: one call per teacher from now on
+                self._vectorised = False
         return torch.stack([functional_call(self.head, w, (z,)) for w in self.weights])
 
 

@@ -310,3 +310,18 @@ def test_fedgen_teaches_the_generator_with_any_head_module() -> None:
     assert last < first  # the generator learns what these MLP heads call each label
     runtime_bytes = s.round_artifacts(6)[0].data
     assert runtime_bytes[:2] == b"\x08\x08"
+
+
+def test_teachers_agree_on_every_path() -> None:
+    """The batched Linear path, the vmap path and one call per teacher give the same logits."""
+    torch.manual_seed(0)
+    linear = [(torch.randn(5, 8), torch.randn(5)) for _ in range(3)]
+    z = torch.randn(7, 8)
+    expected = torch.stack([torch.nn.functional.linear(z, w, b) for w, b in linear])
+    assert torch.allclose(Teachers.linear(linear).logits(z), expected, atol=1e-6)
+    mlp = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
+    weights = [{k: torch.randn_like(v) for k, v in mlp.state_dict().items()} for _ in range(3)]
+    teachers = Teachers(mlp, weights)
+    batched = teachers.logits(z)
+    teachers._vectorised = False
+    assert torch.allclose(batched, teachers.logits(z), atol=1e-6) and batched.shape == (3, 7, 5)

@@ -1,4 +1,4 @@
-"""Data sets in the layouts the CIFAR-10 and HAR tasks read, written by the tests themselves (no
+"""Data sets in the layouts the CIFAR-10 and HAR tasks read, written by the tests and benchmarks (no
 copy of either is available offline). Each class has its own signal under noise, so a few rounds
 of federated training must learn something: what the tests check is the pipeline, not the data."""
 
