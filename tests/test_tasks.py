@@ -12,9 +12,9 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from synthetic_data import write_cifar_binary, write_har_arrays
 from torch import nn
 
+from benchmarks.synthetic_data import write_cifar_binary, write_har_arrays
 from fedgen.coordinator.config import parse_config
 from fedgen.coordinator.engine import TaskMismatch
 from fedgen.coordinator.server import build_federation

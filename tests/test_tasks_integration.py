@@ -19,8 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from synthetic_data import write_cifar_binary, write_har_arrays
 
+from benchmarks.synthetic_data import write_cifar_binary, write_har_arrays
 from fedgen.coordinator.config import parse_config
 from fedgen.coordinator.file_blobs import FileBlobStore
 from fedgen.coordinator.local import LocalFederation
