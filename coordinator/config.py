@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, model_validator
 
+from fedgen.coordinator.robust import AggregatorName, RobustSettings
 from fedgen.export.encoding import ONNX_WEIGHT_CODECS, Encoding, EncodingError
 from fedgen.export.tensor_codecs import codec_for
 
@@ -149,6 +150,25 @@ class FedGenConfig(_Section):
     # The generator's hidden layers and noise size; unset = the task's hint (MNIST: [256] and 32).
     hidden_dims: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] | None = Field(None, min_length=1, max_length=16)
     noise_dim: int | None = Field(None, ge=1, le=65_536)
+
+
+class RobustConfig(_Section):
+    """``[robust]``: bounds on one client's pull on the global model (``robust.py``); all off by
+    default, so the figures of the paper's setting stay FedAvg's."""
+
+    aggregator: AggregatorName = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed-mean: dropped from each end
+    byzantine: int = Field(1, ge=0, le=10_000)  # Krum's f: attackers tolerated
+    multi_krum_keep: int | None = Field(None, ge=1)  # multi-krum: updates averaged (default n - f)
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False)  # L2 bound on each update
+    cap_weights: bool = False  # weight = min(claimed examples, local steps x batch size)
+    # Keep the previous global model when a new one scores this much (absolute) below it.
+    max_accuracy_drop: float | None = Field(None, gt=0, le=1)
+
+    def settings(self) -> RobustSettings:
+        return RobustSettings(
+            self.aggregator, self.trim_fraction, self.byzantine, self.multi_krum_keep, self.clip_norm, self.cap_weights
+        )
 
 
 class TaskConfig(_Section):
@@ -317,10 +337,28 @@ class CoordinatorConfig(_Section):
     data: DataConfig = DataConfig()
     auth: AuthConfig = AuthConfig()
     bandwidth: BandwidthConfig = BandwidthConfig()
+    robust: RobustConfig = RobustConfig()
 
     @model_validator(mode="after")
     def _no_public_tokens_beyond_loopback(self) -> CoordinatorConfig:
         check_exposure(self.server.address, self.auth)
+        return self
+
+    @model_validator(mode="after")
+    def _robust_cohort_can_be_met(self) -> CoordinatorConfig:
+        need = self.robust.settings().min_updates()
+        if self.federation.min_completed < need:
+            raise ValueError(
+                f"robust.aggregator {self.robust.aggregator!r} with byzantine = {self.robust.byzantine} "
+                f"needs at least {need} updates a round: set federation.min_completed >= {need} "
+                f"(it is {self.federation.min_completed})"
+            )
+        keep = self.robust.multi_krum_keep
+        if keep is not None and keep > self.federation.min_completed - self.robust.byzantine:
+            raise ValueError(
+                f"robust.multi_krum_keep ({keep}) must leave out the {self.robust.byzantine} possible "
+                f"attacker(s) of the smallest round (federation.min_completed = {self.federation.min_completed})"
+            )
         return self
 
     @property

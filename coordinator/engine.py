@@ -23,6 +23,7 @@ from fedgen.coordinator.ledger import ENGINE_EXTRAS, LedgerFiles, LedgerRow, Rou
 from fedgen.coordinator.model import ModelContract
 from fedgen.coordinator.records import ArtifactRecord
 from fedgen.coordinator.registry import ClientRegistry
+from fedgen.coordinator.robust import first_non_finite
 from fedgen.coordinator.rounds import OpenRound
 from fedgen.coordinator.store import BlobStore, StateStore
 from fedgen.coordinator.strategy import ClientResult, Strategy
@@ -85,6 +86,7 @@ class RoundEngine:
         self.current_round = 0
         self.global_model_sha = ""
         self.last_accuracy = math.nan
+        self.last_loss = math.nan
         self.open_round: OpenRound | None = None
         self.paused = False
         self.finished = False
@@ -122,7 +124,7 @@ class RoundEngine:
             await asyncio.to_thread(self.strategy.load_state_bytes, data)
         rows = await s.ledger(max(0, self.current_round - 1))
         if rows:
-            self.last_accuracy = rows[-1].test_accuracy
+            self.last_accuracy, self.last_loss = rows[-1].test_accuracy, rows[-1].test_loss
         self.finished = self.current_round >= self.config.federation.rounds
 
     async def _check_task(self, stored: str | None, model_sha: str, task: str) -> None:
@@ -274,16 +276,28 @@ class RoundEngine:
         global_state = await asyncio.to_thread(self.load_state, r.model_sha256)
         results = await asyncio.to_thread(self._client_results, r)
         aggregate = await asyncio.to_thread(self.strategy.aggregate_round, r.round, results, global_state)
-        model_sha = await asyncio.to_thread(lambda: self.blobs.put(state_bytes(aggregate.state)))
+        extras = dict(aggregate.extras)
+        kept = self._non_finite(aggregate.state)
+        model_sha = r.model_sha256
+        if kept is None:
+            model_sha = await asyncio.to_thread(lambda: self.blobs.put(state_bytes(aggregate.state)))
         aggregate_s = time.monotonic() - t0
         t1 = time.monotonic()
         accuracy, loss = math.nan, math.nan
         last = r.round + 1 >= self.config.federation.rounds
         evaluate = self.model.evaluate
-        if evaluate is not None and ((r.round + 1) % self.config.data.evaluate_every == 0 or last):
+        if kept is None and evaluate is not None and ((r.round + 1) % self.config.data.evaluate_every == 0 or last):
             result = await asyncio.to_thread(evaluate, aggregate.state)
             accuracy, loss = result.accuracy, result.loss
+            kept = self._accuracy_drop(accuracy)
+            if kept is not None:
+                extras["candidate_test_accuracy"] = accuracy
+                model_sha = r.model_sha256
         evaluate_s = time.monotonic() - t1
+        if kept is not None:  # the previous global model stays, and so do its figures
+            extras[f"global_model_kept_{kept[0]}"] = 1.0
+            accuracy, loss = self.last_accuracy, self.last_loss
+            _LOGGER.warning("round %d: the previous global model stays (%s)", r.round, kept[1])
         bandwidth = self.config.bandwidth
         row = build_ledger_row(
             RoundTally(
@@ -305,7 +319,7 @@ class RoundEngine:
                 evaluate_seconds=evaluate_s,
                 test_accuracy=accuracy,
                 test_loss=loss,
-                strategy_extras=aggregate.extras,
+                strategy_extras=extras,
                 encode_seconds=r.encode_seconds,
                 encoding_policy=bandwidth.policy,
                 transfer_budget_seconds=bandwidth.transfer_budget_s if self.transfers.adaptive else 0.0,
@@ -320,7 +334,7 @@ class RoundEngine:
         self.global_model_sha = model_sha
         self.current_round = r.round + 1
         if not math.isnan(accuracy):
-            self.last_accuracy = accuracy
+            self.last_accuracy, self.last_loss = accuracy, loss
         self.open_round = None
         await self._append_ledger(row)
         _LOGGER.info(
@@ -336,6 +350,21 @@ class RoundEngine:
             Event("committed", r.round, cohort_size=len(r.cohort), updates_received=len(r.accepted), ledger_row=row)
         )
         self.changed.notify()
+
+    @staticmethod
+    def _non_finite(state: State) -> tuple[str, str] | None:
+        bad = first_non_finite(state)
+        return None if bad is None else ("non_finite", f"tensor {bad!r} of the aggregate is not finite")
+
+    def _accuracy_drop(self, accuracy: float) -> tuple[str, str] | None:
+        """A new model that scores far below the one it would replace is not committed (opt-in)."""
+        drop = self.config.robust.max_accuracy_drop
+        if drop is None or math.isnan(self.last_accuracy) or not accuracy < self.last_accuracy - drop:
+            return None
+        return "accuracy_drop", (
+            f"its test accuracy {accuracy:.4f} is more than robust.max_accuracy_drop = {drop} below "
+            f"the current model's {self.last_accuracy:.4f}"
+        )
 
     async def _append_ledger(self, row: LedgerRow) -> None:
         if not await asyncio.to_thread(self.ledger_files.append, row):

@@ -24,6 +24,7 @@ from fedgen.coordinator.generator import (
     train_generator,
 )
 from fedgen.coordinator.model import ModelContract
+from fedgen.coordinator.robust import RobustSettings
 from fedgen.coordinator.strategy import Aggregate, ArtifactSpec, ClientResult, FedAvg, RoundArtifact
 from fedgen.export import generator_artifacts
 from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
@@ -67,8 +68,9 @@ class FedGen(FedAvg):
         model: ModelContract,
         bandwidth: BandwidthConfig | None = None,
         seed: int = 0,
+        robust_settings: RobustSettings | None = None,
     ) -> None:
-        super().__init__(training)
+        super().__init__(training, robust_settings)
         self.config = config
         self.model = model
         n_classes = model.n_classes
@@ -123,7 +125,7 @@ class FedGen(FedAvg):
         return (self.generator_spec,)
 
     def metric_names(self) -> tuple[str, ...]:
-        return METRICS
+        return (*METRICS, *super().metric_names())
 
     def round_artifacts(self, round_: int) -> list[RoundArtifact]:
         if self.trained_rounds == 0:
@@ -138,6 +140,9 @@ class FedGen(FedAvg):
         return seen.tolist() if len(seen) else list(range(n_classes))
 
     def aggregate_round(self, round_: int, results: Sequence[ClientResult], global_state: State) -> Aggregate:
+        # The teachers are the screened heads: clipped, and without those Krum left out. Their
+        # label counts are bounded at intake by local steps x batch size, as the weights are here.
+        results, screened = self.screen(round_, results, global_state)
         started = time.monotonic()
         heads = Teachers(
             self.head, [{k: torch.from_numpy(v) for k, v in self.model.head_state(r.state).items()} for r in results]
@@ -155,10 +160,11 @@ class FedGen(FedAvg):
         t_export = time.monotonic()
         self._onnx = export_generator_onnx(self.generator, self.gen_config.to_dict())
         export_seconds = time.monotonic() - t_export
-        aggregate = super().aggregate_round(round_, results, global_state)
+        aggregate = self.combine(screened)
         return Aggregate(
             aggregate.state,
             {
+                **aggregate.extras,
                 "generator_seconds": round(gen_seconds, 4),
                 "generator_export_seconds": round(export_seconds, 4),
                 "generator_teacher_loss": step.teacher_loss,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import numpy as np
-
+from fedgen.coordinator import robust
 from fedgen.coordinator.config import CoordinatorConfig, StrategyName, TrainingConfig
 from fedgen.coordinator.model import ModelContract
+from fedgen.coordinator.robust import ROBUST_METRICS, Contribution, RobustSettings, Screened
 from fedgen.export.codec import State
 from fedgen.export.encoding import Encoding
 
@@ -76,34 +76,12 @@ class Aggregate:
     extras: dict[str, float] = field(default_factory=dict)
 
 
-def weighted_average(states: Sequence[tuple[State, float]]) -> State:
-    """FedAvg: sum_k (n_k / sum n) * w_k for float tensors.
-
-    Integer tensors (BatchNorm's num_batches_tracked) are counters, not weights: the result keeps
-    the largest, so it stays a count rather than a meaningless mean.
-    """
-    if not states:
-        raise ValueError("cannot average zero states")
-    total = float(sum(w for _, w in states))
-    if not total > 0:
-        raise ValueError(f"total weight must be positive, got {total}")
-    out: State = {}
-    for key, first in states[0][0].items():
-        if np.issubdtype(first.dtype, np.floating):
-            acc = np.zeros(first.shape, dtype=np.float64)
-            for state, weight in states:
-                acc += state[key].astype(np.float64) * (weight / total)
-            out[key] = acc.astype(first.dtype)
-        else:
-            out[key] = np.max(np.stack([s[key] for s, _ in states]), axis=0).astype(first.dtype)
-    return out
-
-
 class Strategy(ABC):
     name: StrategyName
 
-    def __init__(self, training: TrainingConfig) -> None:
+    def __init__(self, training: TrainingConfig, robust_settings: RobustSettings | None = None) -> None:
         self.training = training
+        self.robust = robust_settings or RobustSettings()
 
     def configure_round(self, round_: int) -> RoundPlan:
         t = self.training
@@ -122,7 +100,22 @@ class Strategy(ABC):
 
     def metric_names(self) -> tuple[str, ...]:
         """The ledger extras ``aggregate_round`` reports (the ledger's CSV has a column for each)."""
-        return ()
+        return ROBUST_METRICS if self.robust.active else ()
+
+    def screen(
+        self, round_: int, results: Sequence[ClientResult], global_state: State
+    ) -> tuple[list[ClientResult], Screened]:
+        """The results that reach the aggregate, weight-capped and clipped (``robust.screen``)."""
+        max_trained = self.configure_round(round_).max_trained_examples
+        contributions = [Contribution(r.client_id, r.state, float(r.num_examples)) for r in results]
+        screened = robust.screen(self.robust, contributions, global_state, max_trained)
+        by_id = {r.client_id: r for r in results}
+        return [replace(by_id[c.client_id], state=c.state) for c in screened.contributions], screened
+
+    def combine(self, screened: Screened) -> Aggregate:
+        """The screened results combined by the configured aggregator (FedAvg's mean by default)."""
+        extras = screened.extras() if self.robust.active else {}
+        return Aggregate(robust.aggregate(self.robust, screened), extras)
 
     def label_space(self, n_classes: int) -> list[int]:
         """Labels clients may sample for a generator regulariser (all, unless a strategy knows better)."""
@@ -144,7 +137,7 @@ class FedAvg(Strategy):
     name: StrategyName = "fedavg"
 
     def aggregate_round(self, round_: int, results: Sequence[ClientResult], global_state: State) -> Aggregate:
-        return Aggregate(weighted_average([(r.state, r.num_examples) for r in results]))
+        return self.combine(self.screen(round_, results, global_state)[1])
 
 
 class FedProx(FedAvg):
@@ -159,10 +152,11 @@ class FedProx(FedAvg):
 def make_strategy(config: CoordinatorConfig, model: ModelContract) -> Strategy:
     """The strategy the config names (FedGen's torch-heavy generator code is imported only for it)."""
     name = config.federation.strategy
+    settings = config.robust.settings()
     if name == "fedavg":
-        return FedAvg(config.training)
+        return FedAvg(config.training, settings)
     if name == "fedprox":
-        return FedProx(config.training)
+        return FedProx(config.training, settings)
     from fedgen.coordinator.fedgen import FedGen
 
-    return FedGen(config.training, config.fedgen, model, config.bandwidth, config.federation.seed)
+    return FedGen(config.training, config.fedgen, model, config.bandwidth, config.federation.seed, settings)

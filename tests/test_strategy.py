@@ -5,7 +5,8 @@ import pytest
 
 from fedgen.coordinator.config import ConfigError, TrainingConfig, parse_config
 from fedgen.coordinator.evaluation import task_contract
-from fedgen.coordinator.strategy import ClientResult, FedAvg, FedProx, make_strategy, weighted_average
+from fedgen.coordinator.robust import weighted_average
+from fedgen.coordinator.strategy import ClientResult, FedAvg, FedProx, make_strategy
 from fedgen.coordinator.validation import UpdateRejected, validate_counts, validate_state
 from fedgen.core.task import prepare
 
