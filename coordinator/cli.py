@@ -20,6 +20,7 @@ except ImportError as _missing:  # the base install is the edge client; the coor
     ) from None
 from fedgen.coordinator.engine import TaskMismatch
 from fedgen.coordinator.sqlite_store import StoreError
+from fedgen.coordinator.state_lock import StateDirBusy
 from fedgen.core.data import DataError
 from fedgen.core.files import atomic_write
 from fedgen.core.task import TaskError
@@ -88,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_serve(config, args.port_file, args.linger_s, args.exit_when_finished))
-    except (TaskError, DataError, TaskMismatch) as err:  # the task, its data or the state folder does not fit
+    except (TaskError, DataError, TaskMismatch, StateDirBusy) as err:  # the task, its data or the state folder
         print(f"fedgen serve: {err}", file=sys.stderr)
         return 2
     except (OSError, ValueError, StoreError) as err:

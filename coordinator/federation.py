@@ -24,6 +24,7 @@ from fedgen.coordinator.ledger import LedgerRow
 from fedgen.coordinator.model import ModelContract
 from fedgen.coordinator.records import ClientProfile
 from fedgen.coordinator.registry import ClientRegistry
+from fedgen.coordinator.state_lock import StateDirLock
 from fedgen.coordinator.store import BlobStore, StateStore
 from fedgen.coordinator.strategy import Strategy
 from fedgen.coordinator.transfers import TransferPlanner
@@ -36,9 +37,16 @@ _LOGGER = logging.getLogger(__name__)
 
 class Federation:
     def __init__(
-        self, config: CoordinatorConfig, store: StateStore, blobs: BlobStore, strategy: Strategy, model: ModelContract
+        self,
+        config: CoordinatorConfig,
+        store: StateStore,
+        blobs: BlobStore,
+        strategy: Strategy,
+        model: ModelContract,
+        lock: StateDirLock | None = None,  # released at close: the state folder is ours until then
     ) -> None:
         self.config = config
+        self._lock = lock
         self.store = store
         self.blobs = blobs
         self.bus = EventBus()
@@ -62,7 +70,11 @@ class Federation:
         await self.engine.run()
 
     async def close(self) -> None:
-        await self.store.close()
+        try:
+            await self.store.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     # --------------------------------------------------------------- views
     @property

@@ -16,6 +16,7 @@ from fedgen.coordinator.federation import Federation
 from fedgen.coordinator.file_blobs import FileBlobStore
 from fedgen.coordinator.servicers import ControlServicer, FleetServicer
 from fedgen.coordinator.sqlite_store import SqliteStateStore
+from fedgen.coordinator.state_lock import StateDirLock
 from fedgen.coordinator.strategy import make_strategy
 from fedgen.coordinator.task_setup import load_task_contract
 from fedgen.core.transport import server_options, server_tls_credentials
@@ -32,12 +33,17 @@ async def build_federation(config: CoordinatorConfig) -> Federation:
     _, model = await asyncio.to_thread(load_task_contract, config)
     strategy = await asyncio.to_thread(make_strategy, config, model)
     state = config.state_path
-    store = await SqliteStateStore.open(state / "state.sqlite3")
-    federation = Federation(config, store, FileBlobStore(state / "blobs"), strategy, model)
+    lock = StateDirLock(state).acquire()
+    try:
+        store = await SqliteStateStore.open(state / "state.sqlite3")
+    except BaseException:
+        lock.release()
+        raise
+    federation = Federation(config, store, FileBlobStore(state / "blobs"), strategy, model, lock)
     try:
         await federation.load()
     except BaseException:
-        await store.close()
+        await federation.close()
         raise
     return federation
 

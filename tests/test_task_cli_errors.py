@@ -90,3 +90,25 @@ def test_a_client_whose_data_does_not_fit_its_task_exits_2(tmp_path: Path) -> No
 def test_partition_names_what_the_task_could_not_read(tmp_path: Path) -> None:
     done = _run(BIN / "fedgen", "partition", "--task", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "s")
     assert done.returncode == 2 and "missing CIFAR-10 binary file(s)" in done.stderr
+
+
+def test_serve_refuses_a_state_folder_another_coordinator_holds(tmp_path: Path) -> None:
+    """Two coordinators on one state folder would both commit rounds: the second one is refused, and
+    says who holds it; once the first closes, the folder is free again."""
+
+    async def hold_and_try() -> subprocess.CompletedProcess[str]:
+        fed = await build_federation(parse_config({"state_dir": str(tmp_path / "state")}))
+        try:
+            return await asyncio.to_thread(_serve, tmp_path, {})
+        finally:
+            await fed.close()
+
+    done = asyncio.run(hold_and_try())
+    assert done.returncode == 2
+    assert f"state_dir {tmp_path / 'state'} is in use by another coordinator (pid " in done.stderr
+    assert "stop that one, or give this one another state_dir" in done.stderr
+
+    async def reopen() -> None:
+        await (await build_federation(parse_config({"state_dir": str(tmp_path / "state")}))).close()
+
+    asyncio.run(reopen())
