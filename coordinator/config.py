@@ -12,7 +12,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedgen.coordinator.robust import AggregatorName, RobustSettings
 from fedgen.export.encoding import ONNX_WEIGHT_CODECS, Encoding, EncodingError
@@ -49,7 +58,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No timeout, rate or bound of ours means anything as NaN or infinity: refused at load, by key.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TlsConfig(_Section):
@@ -76,6 +86,10 @@ class TlsConfig(_Section):
         return self.cert_file is not None
 
 
+#: Room a chunk's message needs besides its bytes (field tags, offsets, digests).
+MESSAGE_OVERHEAD_BYTES = 1024
+
+
 class ServerConfig(_Section):
     address: str = "127.0.0.1:50051"
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
@@ -87,14 +101,33 @@ class ServerConfig(_Section):
     shutdown_grace_s: float = Field(10.0, ge=0, le=600)
     tls: TlsConfig = TlsConfig()
 
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        if address.startswith(("unix:", "unix-abstract:")):
+            return address
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port with a port in 0-65535 (0: any free port), got {address!r}")
+        return address
+
+    @model_validator(mode="after")
+    def _chunk_fits_a_message(self) -> ServerConfig:
+        if self.chunk_bytes + MESSAGE_OVERHEAD_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"chunk_bytes ({self.chunk_bytes}) plus {MESSAGE_OVERHEAD_BYTES} bytes of framing must fit "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+        return self
+
 
 class FederationConfig(_Section):
     strategy: StrategyName = "fedgen"
     rounds: int = Field(20, ge=1, le=1_000_000)
-    clients_per_round: int = Field(10, ge=1)
+    clients_per_round: int = Field(10, ge=1, le=1_000_000)
     # Eligible clients needed before a round opens (defaults to clients_per_round); a round
     # samples min(clients_per_round, eligible) clients.
-    min_clients: int | None = Field(None, ge=1)
+    min_clients: int | None = Field(None, ge=1, le=1_000_000)
     # Updates needed to commit a round once its deadline passes.
     min_completed: int = Field(1, ge=1)
     round_timeout_s: float = Field(120.0, gt=0)
@@ -323,6 +356,12 @@ def check_exposure(address: str, auth: AuthConfig) -> None:
             f"auth.enrollment_tokens: address {address!r} is reachable beyond this machine, and the "
             f"token(s) {public} are published in this project's documentation: set your own "
             "auth.enrollment_tokens (and auth.operator_token), or listen on 127.0.0.1"
+        )
+    if auth.operator_hash() is None:
+        raise ValueError(
+            f"auth.operator_token: address {address!r} is reachable beyond this machine, and without an "
+            "operator token anyone who reaches the port may pause or stop the federation: set "
+            "auth.operator_token (or operator_token_sha256), or listen on 127.0.0.1"
         )
 
 

@@ -75,8 +75,31 @@ def test_published_tokens_are_refused_beyond_loopback(address: str) -> None:
         load_config(EXAMPLE, {"server": {"address": address}})
     with pytest.raises(ConfigError, match="fedgen-demo-token"):
         parse_config({"server": {"address": address}})
-    own = parse_config({"server": {"address": address}, "auth": {"enrollment_tokens": ["a-secret-of-our-own"]}})
+    ours = {"enrollment_tokens": ["a-secret-of-our-own"]}
+    with pytest.raises(ConfigError, match=r"auth\.operator_token: .* anyone who reaches the port may pause or stop"):
+        parse_config({"server": {"address": address}, "auth": ours})
+    own = parse_config({"server": {"address": address}, "auth": {**ours, "operator_token": "an-operator-secret"}})
     assert own.server.address == address
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"federation": {"round_timeout_s": float("inf")}}, r"federation\.round_timeout_s: Input should be a finite"),
+        ({"auth": {"credential_ttl_s": float("nan")}}, r"auth\.credential_ttl_s: Input should be a finite"),
+        ({"server": {"address": "127.0.0.1:70000"}}, r"server\.address: expected host:port with a port in 0-65535"),
+        ({"server": {"address": "127.0.0.1"}}, r"server\.address: expected host:port"),
+        (
+            {"server": {"chunk_bytes": 4 * 1024 * 1024, "max_message_bytes": 4 * 1024 * 1024}},
+            r"server: chunk_bytes \(4194304\) plus 1024 bytes of framing must fit max_message_bytes",
+        ),
+        ({"auth": {"enrollment_tokens": [""]}}, r"auth: every enrollment token must be at least 8 characters"),
+        ({"federation": {"clients_per_round": 10**9}}, r"federation\.clients_per_round: Input should be less than"),
+    ],
+)
+def test_out_of_range_values_are_refused_at_load_naming_the_key(raw: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(raw)
 
 
 @pytest.mark.parametrize(
