@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,12 +14,42 @@ from fedgen.edge.conditions import Probe, combine, command_probe, on_mains_power
 from fedgen.edge.connection import FleetCallError
 from fedgen.edge.runner import ClientSettings, TaskRefused, run_client
 
+#: Where the enrollment token may come from instead of the command line, which any local user can read.
+TOKEN_ENV = "FEDGEN_ENROLLMENT_TOKEN"
+
+
+class TokenError(ValueError):
+    """No enrollment token, or one that cannot be read."""
+
+
+def resolve_token(token: str | None, token_file: Path | None, environ: dict[str, str]) -> str:
+    """The enrollment token from --token, --token-file or $FEDGEN_ENROLLMENT_TOKEN, in that order."""
+    if token_file is not None:
+        try:
+            lines = token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise TokenError(f"--token-file {token_file}: cannot read it ({err})") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise TokenError(f"--token-file {token_file} is empty: its first line must be the enrollment token")
+        return token
+    if token:
+        return token
+    token = environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise TokenError(f"no enrollment token: give --token-file PATH, set ${TOKEN_ENV}, or --token")
+    return token
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedgen-client", description="Run a FedGen edge client.")
     p.add_argument("--coordinator", required=True, help="coordinator address, e.g. 10.0.0.5:50051")
     p.add_argument("--data", required=True, type=Path, help="this device's shard file (.npz from `fedgen partition`)")
-    p.add_argument("--token", required=True, help="enrollment token")
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token", help=f"enrollment token (any local user can read it in ps: prefer --token-file or ${TOKEN_ENV})"
+    )
+    tokens.add_argument("--token-file", type=Path, help="a file holding the enrollment token (its first line)")
     p.add_argument(
         "--task",
         default="mnist",
@@ -82,6 +113,11 @@ def _readiness(args: argparse.Namespace) -> Probe | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = resolve_token(args.token, args.token_file, dict(os.environ))
+    except TokenError as err:
+        print(f"fedgen-client: {err}", file=sys.stderr)
+        return 2
     if not args.data.exists():
         print(f"fedgen-client: data file {args.data} does not exist", file=sys.stderr)
         return 2
@@ -94,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = ClientSettings(
         coordinator=args.coordinator,
-        enrollment_token=args.token,
+        enrollment_token=token,
         data_path=args.data,
         client_id=args.client_id,
         cache_dir=args.cache_dir,

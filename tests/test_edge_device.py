@@ -287,3 +287,21 @@ def test_an_artifact_that_fails_its_digest_is_never_used(tmp_path: Path, truncat
     finally:
         server.stop(0)
     assert hostile.calls == 1  # the client asked once; the runner decides whether to try again
+
+
+def test_the_enrollment_token_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """A token on the command line is readable by every local user (ps); a file or the environment is not."""
+    from fedgen.edge.cli import TOKEN_ENV, TokenError, resolve_token
+
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-enrollment\n")
+    assert resolve_token(None, secret, {}) == "s3cret-enrollment"
+    assert resolve_token(None, None, {TOKEN_ENV: " from-env-token "}) == "from-env-token"
+    assert resolve_token("on-the-line", None, {TOKEN_ENV: "env"}) == "on-the-line"
+    with pytest.raises(TokenError, match=r"no enrollment token: give --token-file PATH, set \$FEDGEN_ENROLLMENT_TOKEN"):
+        resolve_token(None, None, {})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(TokenError, match=r"is empty: its first line must be the enrollment token"):
+        resolve_token(None, tmp_path / "empty", {})
+    with pytest.raises(TokenError, match=r"cannot read it"):
+        resolve_token(None, tmp_path / "missing", {})
