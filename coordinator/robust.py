@@ -130,6 +130,8 @@ def screen(
             f"{settings.aggregator} with byzantine = {settings.byzantine} needs at least "
             f"{settings.min_updates()} updates, the round has {len(results)}"
         )
+    if not settings.active:  # FedAvg as it always was: no norms computed, nothing to report
+        return Screened(list(results))
     keys = float_keys(global_state)
     kept: list[Contribution] = []
     clipped: list[str] = []
