@@ -588,7 +588,13 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> CoordinatorConfig
             },
             # Evaluate only after the last round: this benchmark is about the wire, not accuracy.
             "data": {"test_data_dir": "builtin", "evaluate_every": 1_000_000},
-            "auth": {"enrollment_tokens": [TOKEN]},
+            # Every simulated device is on this machine's address: the per-peer Join rate and
+            # never-called cap would meter the whole fleet as one attacker.
+            "auth": {
+                "enrollment_tokens": [TOKEN],
+                "joins_per_peer_per_second": 0,
+                "max_unproven_clients": max(1_000, args.clients),
+            },
         }
     )
 

@@ -15,12 +15,13 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
 import grpc
 
 from fedgen.coordinator import errors
+from fedgen.coordinator.auth_bucket import TokenBucket
+from fedgen.coordinator.peer_limits import PeerLimits
 from fedgen.core.transport import bearer_from_metadata
 
 _LOGGER = logging.getLogger(__name__)
@@ -28,6 +29,12 @@ _LOGGER = logging.getLogger(__name__)
 FLEET_PREFIX = "/fedgen.v1.Fleet/"
 CONTROL_PREFIX = "/fedgen.v1.Control/"
 JOIN_METHOD = FLEET_PREFIX + "Join"
+UPLOAD_METHOD = FLEET_PREFIX + "UploadUpdate"
+
+#: Largest request message each call may carry, checked on the raw bytes before they are parsed.
+#: Only an upload's payload chunks are large (bounded by server.max_message_bytes); every other
+#: message is a few hundred bytes, so a 1.5 MB Join is refused before it costs anything.
+MAX_REQUEST_BYTES = 16 * 1024
 
 
 class Authenticator(Protocol):
@@ -41,29 +48,6 @@ def check_operator(operator_token_sha256: str | None, token: str | None) -> None
     digest = hashlib.sha256(token.encode()).hexdigest() if token else ""
     if not hmac.compare_digest(digest, operator_token_sha256):
         raise errors.Unauthenticated("Control needs the operator token: 'authorization: Bearer <token>'")
-
-
-@dataclass
-class TokenBucket:
-    """`rate` requests per second sustained, `burst` at once (a pure function of the clock)."""
-
-    rate: float
-    burst: int
-    tokens: float = field(init=False)
-    updated: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tokens = float(self.burst)
-        self.updated = -1.0
-
-    def take(self, now: float) -> bool:
-        if self.updated >= 0:
-            self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class RateLimiter:
@@ -81,7 +65,8 @@ class RateLimiter:
             bucket = self._buckets[client_id] = TokenBucket(self.rate, self.burst)
         if not bucket.take(self.clock()):
             raise errors.ResourceExhausted(
-                f"rate limit: client {client_id} exceeded {self.rate:g} requests/s (burst {self.burst}); slow down"
+                f"rate limit: client {client_id} exceeded {self.rate:g} requests/s (burst {self.burst}); slow down",
+                1.0 / self.rate,
             )
 
 
@@ -103,32 +88,32 @@ def _handler_like(handler: Handler, behaviour: Any, streaming_behaviour: Any) ->
     return grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
 
 
-def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
-    """A handler of the same shape as ``handler`` that only aborts with ``code`` (a refused call's
-    bytes are never parsed)."""
-
-    async def unary_response(_request: Any, context: Context) -> None:
-        await context.abort(code, message)
-
-    async def stream_response(_request: Any, context: Context) -> AsyncIterator[Any]:
-        nothing: tuple[Any, ...] = ()
-        for item in nothing:  # an async generator, as streaming handlers are, that yields nothing
-            yield item
-        await context.abort(code, message)
-
-    return _handler_like(handler, unary_response, stream_response)
+Guard: TypeAlias = Callable[[Context], None]
 
 
-def _parsing(handler: Handler) -> Handler:
-    """The same handler, but it parses request bytes itself: malformed protobuf becomes
-    INVALID_ARGUMENT naming the message type, instead of gRPC's UNKNOWN/INTERNAL."""
+def _guarded(handler: Handler, guard: Guard, max_request_bytes: int | None) -> Handler:
+    """The same handler behind ``guard`` (which raises a FederationError to refuse the call before
+    a byte of it is parsed), parsing request bytes itself: malformed protobuf becomes
+    INVALID_ARGUMENT naming the message type, instead of gRPC's UNKNOWN/INTERNAL, and a message
+    over ``max_request_bytes`` is refused unread (RESOURCE_EXHAUSTED)."""
     parse_bytes: Callable[[bytes], Any] | None = handler.request_deserializer
     if parse_bytes is None:
         return handler
     # grpc.aio handlers are coroutines (the stubs describe the synchronous API).
     inner: Any = handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
 
+    async def admit(context: Context) -> None:
+        try:
+            guard(context)
+        except errors.FederationError as err:
+            await context.abort(err.code, str(err), errors.trailers(err))
+
     async def parse(raw: bytes, context: Context) -> Any:
+        if max_request_bytes is not None and len(raw) > max_request_bytes:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request message of {len(raw)} bytes exceeds this call's limit of {max_request_bytes}",
+            )
         try:
             return parse_bytes(raw)
         except Exception as err:  # DecodeError, or anything a malformed message provokes
@@ -139,10 +124,12 @@ def _parsing(handler: Handler) -> Handler:
             yield await parse(raw, context)
 
     async def unary_response(request: Any, context: Context) -> Any:
+        await admit(context)
         parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
         return await inner(parsed_request, context)
 
     async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
+        await admit(context)
         parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
         async for item in inner(parsed_request, context):
             yield item
@@ -151,15 +138,39 @@ def _parsing(handler: Handler) -> Handler:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Credentials for Fleet, the operator token for Control, a request budget per client.
+    """Credentials for Fleet, the operator token for Control, a request budget per client and a
+    failed-authentication budget per peer address.
 
     Calls to other services on the same server (health, reflection, the user's own) pass untouched.
     """
 
-    def __init__(self, authenticator: Authenticator, operator_token_sha256: str | None, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        operator_token_sha256: str | None,
+        limiter: RateLimiter,
+        peers: PeerLimits | None = None,
+    ) -> None:
         self.authenticator = authenticator
         self.operator_token_sha256 = operator_token_sha256
         self.limiter = limiter
+        self.peers = peers or PeerLimits(0, 1, 0, 1)
+
+    def _check_control(self, secret: str | None, context: Context) -> None:
+        peer = context.peer()
+        self.peers.check_not_locked_out(peer)  # a weak operator token is not guessed at speed
+        try:
+            check_operator(self.operator_token_sha256, secret)
+        except errors.Unauthenticated as err:
+            raise self.peers.failed(peer) or err from None
+
+    def _check_client(self, secret: str | None, context: Context) -> None:
+        try:
+            client_id = self.authenticator.authenticate(secret)
+        except errors.Unauthenticated as err:
+            # Credentials are 192-bit secrets: a right one is never refused for its peer's failures.
+            raise self.peers.failed(context.peer()) or err from None
+        self.limiter.check(client_id)
 
     async def intercept_service(
         self,
@@ -171,12 +182,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith((FLEET_PREFIX, CONTROL_PREFIX)):
             return handler
         secret = bearer_from_metadata(details.invocation_metadata)
-        try:
-            if method.startswith(CONTROL_PREFIX):
-                check_operator(self.operator_token_sha256, secret)
-            elif method != JOIN_METHOD:
-                self.limiter.check(self.authenticator.authenticate(secret))
-        except (errors.Unauthenticated, errors.ResourceExhausted) as err:
-            _LOGGER.info("[%s] %s: %s", method.lstrip("/"), err.code.name, err)
-            return _refusal(handler, err.code, str(err))
-        return _parsing(handler)
+        name = method.lstrip("/")
+
+        def guard(context: Context) -> None:
+            try:
+                if method.startswith(CONTROL_PREFIX):
+                    self._check_control(secret, context)
+                elif method != JOIN_METHOD:  # Join's enrollment token is checked by the registry
+                    self._check_client(secret, context)
+            except errors.FederationError as err:
+                # A peer refused for its failures is not logged per call (a flood would fill the disk).
+                level = logging.DEBUG if isinstance(err, errors.ResourceExhausted) else logging.INFO
+                _LOGGER.log(level, "[%s] %s from %s: %s", name, err.code.name, context.peer(), err)
+                raise
+
+        return _guarded(handler, guard, None if method == UPLOAD_METHOD else MAX_REQUEST_BYTES)

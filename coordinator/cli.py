@@ -38,12 +38,29 @@ def _setup_logging(level: str) -> None:
 
 
 # ----------------------------------------------------------------------------- serve
+class StartError(Exception):
+    """The coordinator cannot start with this state folder or address: one line, exit 2."""
+
+
+def _os_reason(err: OSError) -> str:
+    where = f" ({err.filename})" if err.filename else ""
+    return f"{err.strerror or err}{where}"
+
+
 async def _serve(config: CoordinatorConfig, port_file: Path | None, linger_s: float, exit_when_finished: bool) -> int:
     from fedgen.coordinator.server import build_federation, create_server
 
-    federation = await build_federation(config)
+    try:
+        federation = await build_federation(config)
+    except OSError as err:  # the state folder: missing parent, not a folder, read-only, full disk
+        raise StartError(f"cannot use state_dir {config.state_path}: {_os_reason(err)}") from None
+    except StoreError as err:
+        raise StartError(str(err)) from None
     try:
         running = await create_server(config.server.address, federation)
+    except (OSError, ValueError) as err:
+        await federation.close()
+        raise StartError(str(err)) from None
     except BaseException:
         await federation.close()
         raise
@@ -89,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_serve(config, args.port_file, args.linger_s, args.exit_when_finished))
-    except (TaskError, DataError, TaskMismatch, StateDirBusy) as err:  # the task, its data or the state folder
+    except (TaskError, DataError, TaskMismatch, StateDirBusy, StartError) as err:  # what it was started with
         print(f"fedgen serve: {err}", file=sys.stderr)
         return 2
     except (OSError, ValueError, StoreError) as err:

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedgen.coordinator.peer_limits import PeerLimits
 from fedgen.coordinator.robust import AggregatorName, RobustSettings
 from fedgen.export.encoding import ONNX_WEIGHT_CODECS, Encoding, EncodingError
 from fedgen.export.tensor_codecs import codec_for
@@ -99,6 +100,20 @@ class ServerConfig(_Section):
     max_poll_wait_s: float = Field(20.0, gt=0, le=300)
     # On SIGTERM: NOT_SERVING at once, then calls in flight (uploads included) get this long to finish.
     shutdown_grace_s: float = Field(10.0, ge=0, le=600)
+    # A connection that has sent no HTTP/2 or TLS handshake this long is closed: idle raw sockets
+    # cannot pile up until the process runs out of file descriptors.
+    handshake_timeout_s: float = Field(10.0, gt=0, le=300)
+    # A connection with no call in flight this long gets GOAWAY (clients reconnect when they next
+    # call; an edge client's long polls keep its own connection busy).
+    idle_connection_s: float = Field(300.0, gt=0, le=86_400)
+    # Calls one connection may have in flight at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    max_streams_per_connection: int = Field(64, ge=1, le=10_000)
+    # An upload whose next message does not arrive this long is ended (DEADLINE_EXCEEDED) and
+    # what it had sent is dropped: a stalled stream cannot hold its buffer.
+    upload_idle_s: float = Field(30.0, gt=0, le=3_600)
+    # Payload bytes all uploads in flight may declare together; past it a new upload gets
+    # RESOURCE_EXHAUSTED (the client retries later). One upload per client at a time.
+    max_upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     tls: TlsConfig = TlsConfig()
 
     @field_validator("address")
@@ -322,6 +337,24 @@ class AuthConfig(_Section):
     # A client credential is refused this long after it was issued (the client joins again by
     # itself, with its enrollment token). 0 = credentials never expire.
     credential_ttl_s: float = Field(86_400.0, ge=0)
+    # Per peer address (the proxy's, behind one): Joins per second and burst, and wrong secrets
+    # per second and burst before its Join and Control calls are refused unchecked. 0 = no limit.
+    joins_per_peer_per_second: float = Field(20.0, ge=0)
+    join_burst_per_peer: int = Field(200, ge=1)
+    failed_auth_per_peer_per_second: float = Field(1.0, ge=0)
+    failed_auth_burst_per_peer: int = Field(30, ge=1)
+    # Clients that may be registered (not left) at once, and joined clients that have not yet made
+    # a call with their credential (only those are ever sampled): past either, Join is refused.
+    max_clients: int = Field(100_000, ge=1, le=10_000_000)
+    max_unproven_clients: int = Field(1_000, ge=1, le=1_000_000)
+    # A client id is bound to its credential; one silent this long may be claimed by a new Join
+    # (a device that lost its cache). 0 = never: only its own credential ever rejoins it.
+    release_silent_id_s: float = Field(7 * 86_400.0, ge=0)
+    # Per-device enrollment: client id -> sha256 (hex) of that device's own token. Such an id joins
+    # only with its token (the fleet tokens are not accepted for it). With require_device_tokens,
+    # only these ids may join at all.
+    device_token_sha256: dict[str, str] = Field(default_factory=dict)
+    require_device_tokens: bool = False
 
     @model_validator(mode="after")
     def _check_tokens(self) -> AuthConfig:
@@ -335,7 +368,20 @@ class AuthConfig(_Section):
             raise ValueError("operator_token must be at least 8 characters")
         if self.operator_token is not None and self.operator_token_sha256 is not None:
             raise ValueError("give operator_token or operator_token_sha256, not both")
+        for client_id, digest in self.device_token_sha256.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"device_token_sha256[{client_id!r}] must be 64 lowercase hex digits")
+        if self.require_device_tokens and not self.device_token_sha256:
+            raise ValueError("require_device_tokens is set but device_token_sha256 names no device")
         return self
+
+    def peer_limits(self) -> PeerLimits:
+        return PeerLimits(
+            self.joins_per_peer_per_second,
+            self.join_burst_per_peer,
+            self.failed_auth_per_peer_per_second,
+            self.failed_auth_burst_per_peer,
+        )
 
     def enrollment_hashes(self) -> list[str]:
         return [hashlib.sha256(t.encode()).hexdigest() for t in self.enrollment_tokens] + self.enrollment_token_sha256

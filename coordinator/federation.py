@@ -128,8 +128,11 @@ class Federation:
         requested_id: str,
         task: TaskIdentity | None = None,
         peer: str = "",
+        previous_credential: str = "",
     ) -> tuple[str, str]:
-        client_id, credential = await self.registry.join(enrollment_token, profile, requested_id, task, peer)
+        client_id, credential = await self.registry.join(
+            enrollment_token, profile, requested_id, task, peer, previous_credential
+        )
         self.engine.transfers.estimator.seed(client_id, float(profile.link_down_bps), float(profile.link_up_bps))
         self.bus.emit(Event("joined", self.engine.current_round, client_id=client_id))
         self._changed.notify()

@@ -1,8 +1,11 @@
 """Who is in the federation: enrollment, credentials, liveness and whether each client may be sampled.
 
 A client joins with an enrollment token and gets a credential (``<client id>.<secret>``) that
-every later call carries; only its sha256 is kept, in memory and in the store. A client is alive
-while it holds a long poll or has called recently, and eligible when it is alive, ready by its own
+every later call carries; only its sha256 is kept, in memory and in the store. An id stays bound
+to its credential: joining again under a known id needs that credential (even expired) as proof,
+unless the id left or has been silent past ``auth.release_silent_id_s``. A client is alive while
+it holds a long poll or has called recently, and eligible when it is alive, has made a call with
+its credential since it joined (an id that only joined is never sampled), is ready by its own
 probes, and has not declined this kind of task for memory.
 """
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from fedgen.coordinator import errors
 from fedgen.coordinator.config import AuthConfig
 from fedgen.coordinator.events import now_ms
+from fedgen.coordinator.peer_limits import PeerLimits
 from fedgen.coordinator.records import ClientProfile, StoredClient
 from fedgen.coordinator.store import StateStore, is_digest
 from fedgen.core.task import TaskIdentity
@@ -56,6 +60,10 @@ class ClientRecord:
     held_models: tuple[str, ...] = ()
     # Set when the device behind this id later joined with another task: never sampled again.
     wrong_task: str | None = None
+    # Whether it has made a call with this credential since it was issued (or since a restart).
+    proven: bool = False
+    # time.monotonic() of the last proof of possession (join, authenticated call, or the restart).
+    last_proof: float = field(default_factory=time.monotonic)
 
 
 class ClientRegistry:
@@ -69,12 +77,17 @@ class ClientRegistry:
         self._task = task
         self._clients: dict[str, ClientRecord] = {}
         self._refused: OrderedDict[str, str] = OrderedDict()
+        self.peers: PeerLimits = auth.peer_limits()
+        # Joined, not yet called with the credential: id -> time.monotonic() of the join.
+        self._unproven: OrderedDict[str, float] = OrderedDict()
+        self._registered = 0  # records that have not left
 
     def load(self, stored: Iterable[StoredClient]) -> None:
         for c in stored:
             self._clients[c.client_id] = ClientRecord(
                 c.client_id, c.credential_sha256, c.profile, c.issued_ms, left=c.left_ms is not None
             )
+        self._registered = sum(not c.left for c in self._clients.values())
 
     def __getitem__(self, client_id: str) -> ClientRecord:
         return self._clients[client_id]
@@ -87,33 +100,89 @@ class ClientRegistry:
         requested_id: str,
         task: TaskIdentity | None = None,
         peer: str = "",
+        previous_credential: str = "",
     ) -> tuple[str, str]:
         """Exchanges an enrollment token for (client_id, credential); durable before it returns.
 
-        A client that declares another task than the coordinator's is refused (FAILED_PRECONDITION)."""
-        token_hash = _sha256(enrollment_token)
-        if not any(hmac.compare_digest(token_hash, h) for h in self._enrollment_hashes):
-            raise errors.Unauthenticated("enrollment token is not valid")
+        A client that declares another task than the coordinator's is refused (FAILED_PRECONDITION);
+        a known id without its previous credential is refused (ALREADY_EXISTS)."""
+        self.peers.check_join(peer)
+        if requested_id and (len(requested_id) > MAX_CLIENT_ID or not set(requested_id) <= _CLIENT_ID_CHARS):
+            raise errors.InvalidArgument(
+                f"requested_client_id must be 1-{MAX_CLIENT_ID} characters of letters, digits, '-', '_' or '.'"
+            )
+        self._check_enrollment(enrollment_token, requested_id, peer)
         if task is not None and self._task is not None and task != self._task:
             self._refuse(requested_id, peer, task, self._task)
-        if requested_id:
-            if len(requested_id) > MAX_CLIENT_ID or not set(requested_id) <= _CLIENT_ID_CHARS:
-                raise errors.InvalidArgument(
-                    f"requested_client_id must be 1-{MAX_CLIENT_ID} characters of letters, digits, '-', '_' or '.'"
-                )
-            client_id = requested_id
+        client_id = requested_id or f"client-{uuid.uuid4().hex[:10]}"
+        previous = self._clients.get(client_id)
+        if previous is not None and not previous.left:
+            self._check_binding(previous, previous_credential, peer)
         else:
-            client_id = f"client-{uuid.uuid4().hex[:10]}"
+            self._check_capacity()
         credential = f"{client_id}.{secrets.token_urlsafe(24)}"
         record = ClientRecord(client_id, _sha256(credential), profile, now_ms(), last_seen=time.monotonic())
         await self._store.upsert_client(StoredClient(client_id, record.credential_sha256, profile, record.issued_ms))
-        previous = self._clients.get(client_id)
         # Same budget, same limits: a memory decline stands until the device declares more memory.
         if previous is not None and previous.profile.memory_budget_mb == profile.memory_budget_mb:
             record.declined_kinds = previous.declined_kinds
+        if previous is None or previous.left:
+            self._registered += 1
         self._clients[client_id] = record
+        self._unproven[client_id] = time.monotonic()
+        self._unproven.move_to_end(client_id)
         _LOGGER.info("[Fleet.Join] %s joined (%s)", client_id, profile.platform or "?")
         return client_id, credential
+
+    def _check_enrollment(self, token: str, requested_id: str, peer: str) -> None:
+        """The token must be the device's own when it has one, else one of the fleet's."""
+        device_hashes = self._auth.device_token_sha256
+        if requested_id in device_hashes:
+            accepted = [device_hashes[requested_id]]
+        elif self._auth.require_device_tokens:
+            raise errors.PermissionDenied(
+                "this coordinator admits only devices with their own enrollment token "
+                f"(auth.device_token_sha256); {requested_id or 'a random id'!r} has none"
+            )
+        else:
+            accepted = self._enrollment_hashes
+        token_hash = _sha256(token)
+        if not any(hmac.compare_digest(token_hash, h) for h in accepted):
+            raise self.peers.failed(peer) or errors.Unauthenticated("enrollment token is not valid")
+
+    def _check_binding(self, previous: ClientRecord, previous_credential: str, peer: str) -> None:
+        """A known id rejoins only with the credential it was issued, unless silent long enough."""
+        if previous_credential and hmac.compare_digest(previous.credential_sha256, _sha256(previous_credential)):
+            return
+        release_s = self._auth.release_silent_id_s
+        silent_s = time.monotonic() - previous.last_proof
+        if release_s > 0 and silent_s > release_s and previous.polls == 0:
+            _LOGGER.warning(
+                "[Fleet.Join] %s silent for %.0f s: its id is given to a new join", previous.client_id, silent_s
+            )
+            return
+        if previous_credential:
+            raise self.peers.failed(peer) or errors.AlreadyExists(
+                f"client id {previous.client_id} is bound to another credential than previous_credential"
+            )
+        raise errors.AlreadyExists(
+            f"client id {previous.client_id} is taken: rejoin it with previous_credential (the credential it "
+            "was issued), or join with another id"
+        )
+
+    def _check_capacity(self) -> None:
+        if self._registered >= self._auth.max_clients:
+            raise errors.ResourceExhausted(
+                f"the federation has {self._registered} clients, auth.max_clients allows {self._auth.max_clients}"
+            )
+        horizon = time.monotonic() - self._heartbeat_timeout_s
+        while self._unproven and next(iter(self._unproven.values())) < horizon:
+            self._unproven.popitem(last=False)  # joined long ago and never called: no longer pending
+        if len(self._unproven) >= self._auth.max_unproven_clients:
+            raise errors.ResourceExhausted(
+                f"{len(self._unproven)} joined clients have not called yet (auth.max_unproven_clients); retry shortly",
+                self._heartbeat_timeout_s / 10,
+            )
 
     def _refuse(self, requested_id: str, peer: str, theirs: TaskIdentity, mine: TaskIdentity) -> None:
         if theirs.name != mine.name or theirs.version != mine.version:
@@ -154,11 +223,22 @@ class ClientRegistry:
             raise errors.Unauthenticated(
                 f"credential of {client_id} expired (older than {self._auth.credential_ttl_s:g} s); join again"
             )
-        record.last_seen = time.monotonic()
+        self._prove(record)
         return client_id
 
+    def _prove(self, record: ClientRecord) -> None:
+        """The client called with its credential: alive, and from now on it may be sampled."""
+        record.last_seen = record.last_proof = time.monotonic()
+        if not record.proven:
+            record.proven = True
+            self._unproven.pop(record.client_id, None)
+
     async def leave(self, client_id: str) -> None:
-        self._clients[client_id].left = True
+        record = self._clients[client_id]
+        if not record.left:
+            self._registered -= 1
+        record.left = True
+        self._unproven.pop(client_id, None)
         await self._store.mark_left(client_id, now_ms())
 
     def _expired(self, record: ClientRecord) -> bool:
@@ -189,7 +269,7 @@ class ClientRegistry:
     def begin_poll(self, client_id: str) -> None:
         record = self._clients[client_id]
         record.polls += 1
-        record.last_seen = time.monotonic()
+        self._prove(record)
 
     def end_poll(self, client_id: str) -> None:
         record = self._clients[client_id]
@@ -217,7 +297,9 @@ class ClientRegistry:
     def eligible(self, task_kind: str) -> list[str]:
         """Clients that are alive (inside a long poll now, or seen recently), ready and not declined."""
         return sorted(
-            c.client_id for c in self._clients.values() if self._alive(c) and self._unfit(c, task_kind) is None
+            c.client_id
+            for c in self._clients.values()
+            if c.proven and self._alive(c) and self._unfit(c, task_kind) is None
         )
 
     def skipped(self, task_kind: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedgen.coordinator.auth import AuthInterceptor, RateLimiter
-from fedgen.coordinator.config import CoordinatorConfig, check_exposure
+from fedgen.coordinator.config import CoordinatorConfig, ServerConfig, check_exposure
 from fedgen.coordinator.federation import Federation
 from fedgen.coordinator.file_blobs import FileBlobStore
 from fedgen.coordinator.servicers import ControlServicer, FleetServicer
@@ -48,6 +48,18 @@ async def build_federation(config: CoordinatorConfig) -> Federation:
     return federation
 
 
+def coordinator_server_options(server: ServerConfig) -> list[tuple[str, int | str]]:
+    """gRPC server options the coordinator's resource limits rely on (pass them to your own
+    `grpc.aio.server(options=...)` when you mount it): message size, handshake and idle-connection
+    timeouts, concurrent streams per connection."""
+    return [
+        *server_options(server.max_message_bytes),
+        ("grpc.server_handshake_timeout_ms", int(server.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(server.idle_connection_s * 1000)),
+        ("grpc.max_concurrent_streams", server.max_streams_per_connection),
+    ]
+
+
 def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors the coordinator's services rely on (credentials, operator token, rate limits).
 
@@ -56,7 +68,7 @@ def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInte
     """
     auth = federation.config.auth
     limiter = RateLimiter(auth.client_requests_per_second, auth.client_burst)
-    return [AuthInterceptor(federation, auth.operator_hash(), limiter)]
+    return [AuthInterceptor(federation, auth.operator_hash(), limiter, federation.registry.peers)]
 
 
 def add_servicers(
@@ -149,7 +161,7 @@ async def create_server(
         assert tls.cert_file is not None and tls.key_file is not None
         credentials = server_tls_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
     server = grpc.aio.server(
-        options=server_options(federation.config.server.max_message_bytes),
+        options=coordinator_server_options(federation.config.server),
         interceptors=[*(interceptors or ()), *coordinator_interceptors(federation)],
     )
     health_servicer = add_servicers(server, federation)

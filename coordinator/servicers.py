@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -13,6 +14,7 @@ import grpc
 from fedgen.coordinator import errors, wire
 from fedgen.coordinator.auth import check_operator
 from fedgen.coordinator.federation import Federation
+from fedgen.coordinator.upload_budget import UploadBudget
 from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_from_metadata, wire_bytes
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
@@ -37,7 +39,7 @@ def _rpc_name(fn: Callable[..., Any]) -> str:
 
 async def _abort(context: Context, name: str, err: errors.FederationError) -> None:
     _LOGGER.info("[%s] %s: %s", name, err.code.name, err)
-    await context.abort(err.code, str(err))
+    await context.abort(err.code, str(err), errors.trailers(err))
 
 
 async def _internal(context: Context, name: str, err: Exception) -> None:
@@ -89,6 +91,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self.fed = federation
         self.chunk_bytes = chunk_bytes
         self.max_poll_wait_s = max_poll_wait_s
+        server = federation.config.server
+        self.upload_idle_s = server.upload_idle_s
+        self.uploads = UploadBudget(server.max_upload_buffer_bytes)
 
     def _client(self, context: Context) -> str:
         return self.fed.authenticate(bearer_from_metadata(context.invocation_metadata()))
@@ -102,6 +107,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             request.requested_client_id,
             task,
             context.peer(),
+            request.previous_credential,
         )
         interval_ms = int(self.fed.config.federation.heartbeat_timeout_s * 1000 / 3)
         return fleet_pb2.JoinResponse(
@@ -164,21 +170,34 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 "[Fleet.UploadUpdate] duplicate upload %s from %s acknowledged again", header.idempotency_key, client_id
             )
             return wire.upload_result_to_proto(duplicate)
-        started = time.monotonic()  # the upload's time on the link: header to last chunk
-        received = wire_bytes(first.ByteSize())
-        parts: list[bytes] = []
-        size = 0
-        async for msg in stream:
-            if not msg.HasField("chunk"):
-                raise errors.InvalidArgument("only payload chunks may follow the UpdateHeader")
-            size += len(msg.chunk)
-            received += wire_bytes(msg.ByteSize())
-            if size > header.payload_bytes:
-                self.fed.reject(client_id, header.round, f"payload exceeds the declared {header.payload_bytes} bytes")
-                raise errors.InvalidArgument(f"payload exceeds the declared payload_bytes ({header.payload_bytes})")
-            parts.append(msg.chunk)
-        seconds = time.monotonic() - started
-        result = await self.fed.accept_upload(client_id, header, b"".join(parts), received, seconds)
+        with self.uploads.reserve(client_id, header.payload_bytes):
+            started = time.monotonic()  # the upload's time on the link: header to last chunk
+            received = wire_bytes(first.ByteSize())
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                try:
+                    msg = await asyncio.wait_for(stream.__anext__(), self.upload_idle_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        f"upload stalled: no message for {self.upload_idle_s:g} s (server.upload_idle_s); "
+                        "send it again with the same idempotency key"
+                    ) from None
+                if not msg.HasField("chunk"):
+                    raise errors.InvalidArgument("only payload chunks may follow the UpdateHeader")
+                size += len(msg.chunk)
+                received += wire_bytes(msg.ByteSize())
+                if size > header.payload_bytes:
+                    why = f"payload exceeds the declared payload_bytes ({header.payload_bytes})"
+                    self.fed.reject(client_id, header.round, why)
+                    raise errors.InvalidArgument(why)
+                parts.append(msg.chunk)
+            seconds = time.monotonic() - started
+            payload = b"".join(parts)
+            del parts
+            result = await self.fed.accept_upload(client_id, header, payload, received, seconds)
         ack = wire.upload_result_to_proto(result)
         self.fed.record_download(client_id, wire_bytes(ack.ByteSize()))
         return ack

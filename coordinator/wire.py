@@ -15,7 +15,7 @@ from fedgen.coordinator.assignments import Assignment, DoneAssignment, TrainAssi
 from fedgen.coordinator.engine import FederationStatus
 from fedgen.coordinator.events import Event, EventKind
 from fedgen.coordinator.exports import ExportedModel, ModelChoice
-from fedgen.coordinator.intake import UploadHeader, UploadResult
+from fedgen.coordinator.intake import MAX_DOWNLOAD_TIMINGS, UploadHeader, UploadResult
 from fedgen.coordinator.ledger import ClientEntry, ClientTransfer, LedgerRow, Outcome, SkippedClient
 from fedgen.coordinator.link_policy import DownloadTiming
 from fedgen.coordinator.records import ClientProfile
@@ -45,6 +45,23 @@ _STATES = {
 _GENERATOR_KIND = "generator_onnx"
 MAX_PLATFORM_CHARS = 200
 MAX_TASK_FIELD_CHARS = 300
+#: Bounds on what a client's messages may hold, checked before anything is kept or stored.
+MAX_ENCODINGS = 16
+MAX_LABELS = 10_000
+MAX_METRICS = 32
+MAX_METRIC_NAME_CHARS = 64
+MAX_TASK_ID_CHARS = 128
+
+
+def check_length(field: str, value: str | bytes, limit: int) -> None:
+    """INVALID_ARGUMENT naming the field when a string or list is longer than the contract allows."""
+    if len(value) > limit:
+        raise errors.InvalidArgument(f"{field} has {len(value)} characters, at most {limit} are allowed")
+
+
+def check_count(field: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise errors.InvalidArgument(f"{field} has {count} entries, at most {limit} are allowed")
 
 
 def artifact_kind(kind: str) -> fleet_pb2.ArtifactKind.ValueType:
@@ -53,6 +70,8 @@ def artifact_kind(kind: str) -> fleet_pb2.ArtifactKind.ValueType:
 
 
 def profile_from_proto(p: fleet_pb2.DeviceProfile) -> ClientProfile:
+    check_count("profile.supported_encodings", len(p.supported_encodings), MAX_ENCODINGS)
+    check_length("profile.platform", p.platform, MAX_PLATFORM_CHARS)
     return ClientProfile(
         memory_budget_mb=p.memory_budget_mb,
         link_down_bps=p.link_down_bps,
@@ -61,7 +80,7 @@ def profile_from_proto(p: fleet_pb2.DeviceProfile) -> ClientProfile:
             tensor_pb2.Encoding.Name(e) if e in tensor_pb2.Encoding.values() else str(int(e))
             for e in p.supported_encodings
         ),
-        platform=p.platform[:MAX_PLATFORM_CHARS],
+        platform=p.platform,
         num_examples=p.num_examples,
         available_memory_mb=p.available_memory_mb,
     )
@@ -124,6 +143,13 @@ def assignment_to_proto(a: Assignment) -> fleet_pb2.Task:
 
 
 def upload_header_from_proto(h: fleet_pb2.UpdateHeader) -> UploadHeader:
+    check_length("header.task_id", h.task_id, MAX_TASK_ID_CHARS)
+    check_count("header.label_counts", len(h.label_counts), MAX_LABELS)
+    check_count("header.metrics", len(h.metrics), MAX_METRICS)
+    check_count("header.downloads", len(h.downloads), MAX_DOWNLOAD_TIMINGS)
+    long_name = next((k for k in h.metrics if len(k) > MAX_METRIC_NAME_CHARS), None)
+    if long_name is not None:
+        check_length(f"header.metrics key {long_name[:20]!r}...", long_name, MAX_METRIC_NAME_CHARS)
     return UploadHeader(
         round=h.round,
         task_id=h.task_id,

@@ -89,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--link-up-mbps", type=float, default=0.0, help="the same for the uplink")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--call-timeout-s",
+        type=float,
+        default=30.0,
+        help="deadline of each call to the coordinator; a call past it is retried with backoff (default 30)",
+    )
+    p.add_argument(
+        "--give-up-after-s",
+        type=float,
+        default=600.0,
+        help="how long one call is retried while the coordinator is unreachable or hung (default 600)",
+    )
     tls = p.add_argument_group("TLS (default: plaintext)")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     tls.add_argument(
@@ -139,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task,
         onednn=args.onednn,
         seed=args.seed,
+        call_timeout_s=args.call_timeout_s,
+        give_up_after_s=args.give_up_after_s,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -1,7 +1,9 @@
 """The edge client's link to the coordinator: deadlines, retries, resumable transfers.
 
-Every call has a deadline. UNAVAILABLE (and RESOURCE_EXHAUSTED from a proxy) is retried
-with exponential backoff and full jitter; anything else surfaces as `FleetCallError` with
+Every call has a deadline. UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED (a coordinator that
+hangs rather than goes away) are retried with exponential backoff and full jitter, and
+RESOURCE_EXHAUSTED when the coordinator says when to retry (the ``grpc-retry-pushback-ms``
+trailer of a rate limit or a full upload buffer); anything else surfaces as `FleetCallError` with
 the coordinator's message. Downloads resume from the bytes already on disk; uploads retry
 with the same idempotency key so the coordinator counts them once.
 """
@@ -30,7 +32,18 @@ T = TypeVar("T")
 # Transient: the link dropped or the coordinator restarts. A coordinator that is draining
 # (SIGTERM) answers new calls with UNAVAILABLE or CANCELLED. Every call may be retried: polls and
 # heartbeats are harmless, downloads resume at their offset, uploads carry an idempotency key.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: gRPC's server pushback trailer (gRFC A6): how long to wait before retrying a refused call.
+PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+
+
+def pushback_s(err: grpc.RpcError) -> float | None:
+    """The wait a refusal asked for, in seconds; None when it carries no pushback."""
+    trailing = getattr(err, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == PUSHBACK_TRAILER and isinstance(value, str) and value.isdigit():
+            return int(value) / 1000
+    return None
 
 
 class FleetCallError(RuntimeError):
@@ -53,6 +66,17 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]."""
         return rng.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt))
+
+    def delay(self, err: grpc.RpcError, attempt: int, rng: random.Random) -> float | None:
+        """How long to wait before retrying `err`'s call; None when retrying cannot help."""
+        code = err.code()
+        if code in RETRYABLE:
+            return self.backoff(attempt, rng)
+        pushback = pushback_s(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        if pushback is None:
+            return None
+        # At least what the coordinator asked for, jittered so refused clients do not return at once.
+        return min(self.max_backoff_s, pushback) * rng.uniform(1.0, 1.5)
 
 
 @dataclass
@@ -116,9 +140,9 @@ class FleetConnection:
             except grpc.RpcError as err:
                 code = err.code()
                 details = err.details() or ""
-                if code not in RETRYABLE or time.monotonic() - started > self.retry.give_up_after_s:
+                delay = self.retry.delay(err, attempt, self._rng)
+                if delay is None or time.monotonic() - started > self.retry.give_up_after_s:
                     raise FleetCallError(code, details) from None
-                delay = self.retry.backoff(attempt, self._rng)
                 _LOGGER.warning("%s: %s (%s); retrying in %.2fs", what, code.name, details, delay)
                 time.sleep(delay)
                 attempt += 1
@@ -130,22 +154,31 @@ class FleetConnection:
         profile: fleet_pb2.DeviceProfile,
         client_id: str = "",
         task: fleet_pb2.TaskIdentity | None = None,
+        previous_credential: str = "",
     ) -> str:
-        """Joins (the task this client trains is declared, so the coordinator can refuse another)."""
-        response = self._with_retry(
-            "Join",
-            lambda: self._stub.Join(
-                fleet_pb2.JoinRequest(
-                    enrollment_token=enrollment_token, profile=profile, requested_client_id=client_id, task=task
-                ),
-                timeout=self.call_timeout_s,
-            ),
+        """Joins (the task this client trains is declared, so the coordinator can refuse another).
+
+        Rejoining an id needs the credential it was issued: the one this connection holds, or
+        `previous_credential` (kept from an earlier process)."""
+        if client_id and self._credential and self._credential.startswith(client_id + "."):
+            previous_credential = self._credential
+        request = fleet_pb2.JoinRequest(
+            enrollment_token=enrollment_token,
+            profile=profile,
+            requested_client_id=client_id,
+            task=task,
+            previous_credential=previous_credential,
         )
+        response = self._with_retry("Join", lambda: self._stub.Join(request, timeout=self.call_timeout_s))
         self.client_id = response.client_id
         self._credential = response.credential
         self.heartbeat_interval_s = max(1.0, response.heartbeat_interval_ms / 1000)
         _LOGGER.info("joined federation %s as %s", response.federation_id, response.client_id)
         return response.client_id
+
+    @property
+    def credential(self) -> str | None:
+        return self._credential
 
     def poll(self, max_wait_s: float = 15.0, held_models: list[str] | None = None) -> fleet_pb2.Task:
         request = fleet_pb2.PollTaskRequest(
@@ -258,9 +291,9 @@ class FleetConnection:
                 break
             except grpc.RpcError as err:
                 code = err.code()
-                if code not in RETRYABLE or time.monotonic() - started > self.retry.give_up_after_s:
+                delay = self.retry.delay(err, attempt, self._rng)
+                if delay is None or time.monotonic() - started > self.retry.give_up_after_s:
                     raise FleetCallError(code, err.details() or "") from None
-                delay = self.retry.backoff(attempt, self._rng)
                 _LOGGER.warning(
                     "download of %s cut at byte %d (%s); resuming in %.2fs", digest[:12], offset, code.name, delay
                 )

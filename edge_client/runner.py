@@ -35,7 +35,7 @@ from fedgen.edge.budget import (
     rss_mib,
 )
 from fedgen.edge.conditions import Probe
-from fedgen.edge.connection import FleetCallError, FleetConnection
+from fedgen.edge.connection import FleetCallError, FleetConnection, RetryPolicy
 from fedgen.edge.generator_runtime import OnnxGenerator
 from fedgen.edge.trainer import (
     LocalTrainer,
@@ -67,6 +67,8 @@ CACHE_KEEP = 4
 #: Decoded global models kept (and reported in PollTask) as bases for deltas.
 HELD_KEEP = 2
 STATE_SUFFIX = ".state"
+#: Where a device keeps its credential, in its cache folder (mode 0600).
+CREDENTIAL_FILE = "credential"
 
 
 class TaskRefused(FleetCallError):
@@ -89,6 +91,7 @@ class ClientSettings:
     onednn: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     call_timeout_s: float = 30.0
+    give_up_after_s: float = 600.0
     # TLS: the CA bundle that signed the coordinator (or a proxy in front of it); a client
     # certificate and key for mutual TLS; a name to check the server certificate against.
     tls_ca: Path | None = None
@@ -243,6 +246,7 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     conn = FleetConnection(
         settings.coordinator,
         call_timeout_s=settings.call_timeout_s,
+        retry=RetryPolicy(give_up_after_s=settings.give_up_after_s),
         seed=settings.seed,
         credentials=client_tls_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key) if tls else None,
         tls_server_name=settings.tls_server_name,
@@ -260,14 +264,19 @@ def run_client(settings: ClientSettings) -> ClientSummary:
     )
     mine = prepared.identity
     identity = fleet_pb2.TaskIdentity(name=mine.name, version=mine.version, state_spec_sha256=mine.state_spec_sha256)
+    kept = CredentialFile(_cache_dir(settings, settings.client_id)) if settings.client_id else None
     try:
-        client_id = conn.join(settings.enrollment_token, profile, settings.client_id, identity)
+        client_id = conn.join(
+            settings.enrollment_token, profile, settings.client_id, identity, kept.read() if kept else ""
+        )
     except FleetCallError as err:
         conn.close()
         if err.code == grpc.StatusCode.FAILED_PRECONDITION:
             raise TaskRefused(err.code, err.message) from None
         raise
-    cache_dir = settings.cache_dir or Path.home() / ".cache" / "fedgen" / client_id
+    cache_dir = _cache_dir(settings, client_id)
+    kept = CredentialFile(cache_dir)
+    kept.write(conn.credential)
     summary = ClientSummary(client_id)
     feedback = ErrorFeedback()  # what lossy uploads left out, sent in later rounds
     refused_in_a_row = 0
@@ -303,10 +312,42 @@ def run_client(settings: ClientSettings) -> ClientSummary:
                 refused_in_a_row += 1
                 _LOGGER.warning("credential refused (%s); joining again", err.message)
                 conn.join(settings.enrollment_token, profile, client_id, identity)
+                kept.write(conn.credential)
     finally:
         summary.bytes_down, summary.bytes_up = conn.stats.bytes_down, conn.stats.bytes_up
         conn.close()
     return summary
+
+
+def _cache_dir(settings: ClientSettings, client_id: str) -> Path:
+    return settings.cache_dir or Path.home() / ".cache" / "fedgen" / client_id
+
+
+class CredentialFile:
+    """The credential this device was issued, kept (mode 0600) in its cache folder so a restarted
+    client proves it is the same device when it rejoins its id."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / CREDENTIAL_FILE
+
+    def read(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return ""
+        except (OSError, UnicodeDecodeError) as err:
+            _LOGGER.warning("cannot read the kept credential %s (%s); joining without it", self.path, err)
+            return ""
+
+    def write(self, credential: str | None) -> None:
+        if not credential:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(credential)
+        os.replace(tmp, self.path)
 
 
 def _generator_for(

@@ -337,8 +337,10 @@ def test_an_acknowledged_update_is_never_left_out_of_its_round(tmp_path: Path) -
             }
         )
         fed = await build_federation(cfg)
-        a, _ = await fed.join(TOKEN, ClientProfile(), "a")
-        b, _ = await fed.join(TOKEN, ClientProfile(), "b")
+        a, credential_a = await fed.join(TOKEN, ClientProfile(), "a")
+        b, credential_b = await fed.join(TOKEN, ClientProfile(), "b")
+        for credential in (credential_a, credential_b):  # both call once: only then may they be sampled
+            fed.authenticate(credential)
         engine = asyncio.create_task(fed.run())
         ta, tb = await fed.poll(a, 5), await fed.poll(b, 5)
         assert isinstance(ta, TrainAssignment) and isinstance(tb, TrainAssignment)

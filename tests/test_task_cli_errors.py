@@ -112,3 +112,20 @@ def test_serve_refuses_a_state_folder_another_coordinator_holds(tmp_path: Path) 
         await (await build_federation(parse_config({"state_dir": str(tmp_path / "state")}))).close()
 
     asyncio.run(reopen())
+
+
+def test_serve_names_an_unusable_state_folder_in_one_line(tmp_path: Path) -> None:
+    """A corrupt SQLite file or a state_dir that cannot be a folder: exit 2, one line, no traceback."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.sqlite3").write_bytes(b"not a database, " * 400)
+    done = _serve(tmp_path, {})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("fedgen serve: ")
+    assert "state.sqlite3 is not a usable SQLite database" in done.stderr
+
+    (tmp_path / "blocker").write_text("a file where the state folder's parent should be")
+    config = tmp_path / "c2.toml"
+    config.write_text(toml_dumps({"state_dir": str(tmp_path / "blocker" / "state")}))
+    done = _run(BIN / "fedgen", "serve", "--config", config, "--exit-when-finished")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"cannot use state_dir {tmp_path / 'blocker' / 'state'}: Not a directory" in done.stderr

@@ -216,10 +216,19 @@ class JoinRequest(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     REQUESTED_CLIENT_ID_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    PREVIOUS_CREDENTIAL_FIELD_NUMBER: _builtins.int
     enrollment_token: _builtins.str
     requested_client_id: _builtins.str
-    """A client that joined before may ask to keep its id (e.g. after a restart);
-    the coordinator honours it only with a valid enrollment token.
+    """A client that joined before may ask to keep its id (e.g. after a restart).
+    An id is bound to the credential it was first issued: a Join for an id the
+    coordinator knows must carry that credential in previous_credential, or it
+    is refused with ALREADY_EXISTS (an impostor with the fleet's enrollment
+    token cannot take over a device's id). An id silent for longer than the
+    coordinator's auth.release_silent_id_s, or that left, is free again.
+    """
+    previous_credential: _builtins.str
+    """The credential this id was issued before (even an expired one): proof that
+    this is the same device. Keep it where only the device can read it.
     """
     @_builtins.property
     def profile(self) -> Global___DeviceProfile: ...
@@ -236,10 +245,11 @@ class JoinRequest(_message.Message):
         profile: Global___DeviceProfile | None = ...,
         requested_client_id: _builtins.str = ...,
         task: Global___TaskIdentity | None = ...,
+        previous_credential: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "profile", b"profile", "requested_client_id", b"requested_client_id", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "previous_credential", b"previous_credential", "profile", b"profile", "requested_client_id", b"requested_client_id", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
