@@ -8,12 +8,14 @@ brings its parameters, artifacts and metrics, the model contract its spec and it
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -25,17 +27,27 @@ from fedgen.coordinator.records import ArtifactRecord
 from fedgen.coordinator.registry import ClientRegistry
 from fedgen.coordinator.robust import first_non_finite
 from fedgen.coordinator.rounds import OpenRound
-from fedgen.coordinator.store import BlobStore, StateStore
-from fedgen.coordinator.strategy import ClientResult, Strategy
+from fedgen.coordinator.store import BlobCorrupt, BlobStore, StateStore, is_disk_full
+from fedgen.coordinator.strategy import Aggregate, ClientResult, Strategy
 from fedgen.coordinator.transfers import RoundVariants, TransferPlanner
 from fedgen.core.task import TaskIdentity
-from fedgen.export.codec import Encoding, State, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+from fedgen.export.codec import (
+    CodecError,
+    Encoding,
+    State,
+    bundle_from_bytes,
+    bundle_to_bytes,
+    decode_state,
+    encode_state,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
 FederationStateName = Literal["waiting_for_clients", "training", "paused", "finished"]
 #: Longest the engine sleeps without looking at the clock (deadlines, heartbeat horizons).
 TICK_S = 1.0
+#: How long the engine waits before retrying a write that met a full disk.
+DISK_FULL_PAUSE_S = 2.0
 
 
 class TaskMismatch(ValueError):
@@ -170,8 +182,25 @@ class RoundEngine:
             if self.paused or len(eligible) < fed.required_clients:
                 await self.changed.wait(TICK_S)
                 continue
-            await self._open(eligible)
+            if not await self._until_written(functools.partial(self._open, eligible), "opening a round"):
+                continue
             await self._run_open_round()
+
+    async def _until_written(self, step: Callable[[], Awaitable[None]], what: str) -> bool:
+        """Runs a step that writes state; on a full disk the engine pauses and retries it (every write
+        is a transaction or a create-only blob, so a failed attempt left nothing half done) instead of
+        exiting. False when a Stop came while it waited."""
+        while True:
+            try:
+                await step()
+                return True
+            except OSError as err:
+                if not is_disk_full(err):
+                    raise
+                _LOGGER.error("%s: the disk is full (%s); retrying in %g s", what, err, DISK_FULL_PAUSE_S)
+                await asyncio.sleep(DISK_FULL_PAUSE_S)
+                if self._stop_requested:
+                    return False
 
     async def _recover(self) -> None:
         """Reopens a round a crash left open, with the updates acknowledged before it."""
@@ -263,21 +292,45 @@ class RoundEngine:
             )
             self.open_round = None
             return
-        await self._commit(r, wait_s)
+        await self._until_written(lambda: self._commit(r, wait_s), f"committing round {r.round}")
 
     def _client_results(self, r: OpenRound) -> list[ClientResult]:
-        return [
-            ClientResult(u.client_id, self.load_state(u.payload_sha256), u.num_examples, u.label_counts, u.metrics)
-            for u in sorted(r.accepted.values(), key=lambda u: u.client_id)
-        ]
+        """The round's acknowledged updates, read back and verified. One that can no longer be read
+        (its file corrupt or gone) is quarantined and moved to the round's rejected with the reason:
+        reported in the ledger, never silently dropped, and never a crash at every restart."""
+        results = []
+        for u in sorted(r.accepted.values(), key=lambda u: u.client_id):
+            try:
+                state = self.load_state(u.payload_sha256)
+            except (OSError, CodecError) as err:
+                where = self.blobs.quarantine(u.payload_sha256) if isinstance(err, BlobCorrupt) else None
+                reason = (
+                    f"acknowledged, but its stored update {u.payload_sha256[:12]} could not be read at commit "
+                    f"({err.strerror if isinstance(err, OSError) and err.strerror else err})"
+                    + (f"; quarantined as {where}" if where else "")
+                )
+                _LOGGER.error("round %d: %s: %s", r.round, u.client_id, reason)
+                del r.accepted[u.client_id]
+                r.rejected[u.client_id] = reason
+                continue
+            results.append(ClientResult(u.client_id, state, u.num_examples, u.label_counts, u.metrics))
+        return results
 
     async def _commit(self, r: OpenRound, wait_s: float) -> None:
         t0 = time.monotonic()
         global_state = await asyncio.to_thread(self.load_state, r.model_sha256)
+        acknowledged = len(r.accepted)
         results = await asyncio.to_thread(self._client_results, r)
-        aggregate = await asyncio.to_thread(self.strategy.aggregate_round, r.round, results, global_state)
-        extras = dict(aggregate.extras)
-        kept = self._non_finite(aggregate.state)
+        if results:
+            aggregate = await asyncio.to_thread(self.strategy.aggregate_round, r.round, results, global_state)
+            extras = dict(aggregate.extras)
+            kept = self._non_finite(aggregate.state)
+        else:  # every acknowledged update was unreadable: nothing to aggregate, the model stays
+            aggregate = Aggregate(global_state)
+            extras = {}
+            kept = ("unreadable_updates", "no acknowledged update of the round could be read back")
+        if acknowledged > len(results):
+            extras["unreadable_updates"] = float(acknowledged - len(results))
         model_sha = r.model_sha256
         if kept is None:
             model_sha = await asyncio.to_thread(lambda: self.blobs.put(state_bytes(aggregate.state)))

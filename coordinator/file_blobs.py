@@ -1,8 +1,11 @@
-"""Blobs as content-addressed files: ``blobs/<sha256[:2]>/<sha256>``, written atomically, verified on read."""
+"""Blobs as content-addressed files: ``blobs/<sha256[:2]>/<sha256>``, written atomically, verified on
+read; a corrupt one is moved to ``blobs/quarantine/``."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 from fedgen.coordinator.store import BlobCorrupt, BlobStore, is_digest
@@ -34,3 +37,12 @@ class FileBlobStore(BlobStore):
         if hashlib.sha256(data).hexdigest() != digest:
             raise BlobCorrupt(f"blob {digest} is corrupt on disk (digest mismatch)")
         return data
+
+    def quarantine(self, digest: str) -> str | None:
+        source = self.path(digest)
+        if not source.exists():
+            return None
+        target = self.root / "quarantine" / f"{digest}.{int(time.time())}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        return str(target)

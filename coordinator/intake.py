@@ -23,7 +23,7 @@ from fedgen.coordinator.link_policy import DownloadTiming
 from fedgen.coordinator.records import UpdateRecord
 from fedgen.coordinator.registry import ClientRegistry
 from fedgen.coordinator.rounds import OpenRound
-from fedgen.coordinator.store import StateStore
+from fedgen.coordinator.store import StateStore, is_disk_full
 from fedgen.coordinator.validation import UpdateRejected, validate_counts, validate_report, validate_state
 from fedgen.export.codec import CodecError, Encoding, apply_delta, bundle_from_bytes, decode_state
 
@@ -32,6 +32,8 @@ _LOGGER = logging.getLogger(__name__)
 #: Timed downloads an upload may report.
 MAX_DOWNLOAD_TIMINGS = 16
 MAX_IDEMPOTENCY_KEY = 128
+#: When a client whose upload met a full disk may retry.
+DISK_FULL_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,14 @@ class UploadResult:
     round: int
     duplicate: bool
     received_bytes: int
+
+
+def _disk_full(err: BaseException) -> errors.ResourceExhausted:
+    _LOGGER.error("[Fleet.UploadUpdate] not stored, the disk is full: %s", err)
+    return errors.ResourceExhausted(
+        "the coordinator's disk is full: the update was not stored; retry (same idempotency key)",
+        DISK_FULL_RETRY_S,
+    )
 
 
 class UploadIntake:
@@ -124,6 +134,10 @@ class UploadIntake:
         except UpdateRejected as err:
             self.reject(client_id, r.round, str(err))
             raise
+        except OSError as err:
+            if is_disk_full(err):
+                raise _disk_full(err) from None
+            raise
         plan = r.plans.get(client_id)
         transfers = self._engine.transfers
         down_seconds = transfers.observe_downloads(client_id, header.downloads)
@@ -151,8 +165,10 @@ class UploadIntake:
             return earlier
         try:
             await self._store.add_update(update)
-        except BaseException:
+        except BaseException as err:
             r.pending.pop(client_id).set_result(None)
+            if is_disk_full(err):
+                raise _disk_full(err) from None
             raise
         r.pending.pop(client_id).set_result(update)
         r.accepted[client_id] = update

@@ -11,6 +11,7 @@ with their own connection (WAL lets them proceed while the writer syncs).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import queue
@@ -73,6 +74,14 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE TABLE IF NOT EXISTS ledger (round INTEGER PRIMARY KEY, row_json TEXT NOT NULL);
 """
+
+
+def _disk_full_as_os_error(err: BaseException, path: Path) -> BaseException:
+    """SQLite's "database or disk is full" as the OSError(ENOSPC) every other write raises, so the
+    coordinator answers one kind of full disk in one way (`store.is_disk_full`)."""
+    if isinstance(err, sqlite3.Error) and getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return OSError(errno.ENOSPC, f"database or disk is full ({err})", str(path))
+    return err
 
 
 class StoreError(RuntimeError):
@@ -164,14 +173,14 @@ class SqliteStateStore(StateStore):
                         stop = True
                         break
                     group.append(nxt)
-                self._commit_group(db, group)
+                self._commit_group(db, group, self.path)
                 if stop:
                     return
         finally:
             db.close()
 
     @staticmethod
-    def _commit_group(db: sqlite3.Connection, group: list[_Write]) -> None:
+    def _commit_group(db: sqlite3.Connection, group: list[_Write], path: Path) -> None:
         failures: dict[int, BaseException] = {}
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -182,14 +191,15 @@ class SqliteStateStore(StateStore):
                         db.execute(sql, args)
                 except sqlite3.Error as err:
                     db.execute(f"ROLLBACK TO w{i}")
-                    failures[i] = err
+                    failures[i] = _disk_full_as_os_error(err, path)
                 db.execute(f"RELEASE w{i}")
             db.execute("COMMIT")
         except BaseException as err:  # the transaction itself failed (disk full, I/O error): nobody is durable
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            failed = _disk_full_as_os_error(err, path)
             for write in group:
-                write.done.set_exception(err)
+                write.done.set_exception(failed)
             return
         for i, write in enumerate(group):
             if i in failures:

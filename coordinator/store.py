@@ -10,6 +10,7 @@ does its blocking I/O elsewhere. ``BlobStore`` is blocking: callers run it in wo
 
 from __future__ import annotations
 
+import errno
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -23,6 +24,12 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 def is_digest(digest: str) -> bool:
     """Only 64 lowercase hex digits name a blob: anything else could walk out of the store."""
     return _SHA256_HEX.fullmatch(digest) is not None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A write failed because the state folder's disk (or the user's quota) is full: transient, the
+    coordinator pauses and retries and clients are told RESOURCE_EXHAUSTED with a time to retry."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class BlobCorrupt(OSError):
@@ -42,6 +49,11 @@ class BlobStore(ABC):
 
     @abstractmethod
     def has(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    def quarantine(self, digest: str) -> str | None:
+        """Moves an unreadable blob aside (kept for an operator to inspect, never served or read
+        again); returns where it went, None when there was nothing to move."""
 
 
 class StateStore(ABC):

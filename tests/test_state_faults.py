@@ -1,0 +1,173 @@
+"""Faults of the state folder: an acknowledged update whose file is corrupt or gone by commit time,
+and a disk that fills while clients upload and while a round opens (a real small tmpfs).
+
+In-process (a real SQLite store and blob folder, the real engine and intake); no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedgen.coordinator import errors
+from fedgen.coordinator.assignments import TrainAssignment
+from fedgen.coordinator.config import parse_config
+from fedgen.coordinator.federation import Federation
+from fedgen.coordinator.intake import UploadHeader
+from fedgen.coordinator.records import ClientProfile
+from fedgen.coordinator.server import build_federation
+from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
+
+TOKEN = "state-faults-token"
+
+
+def _config(state: Path, clients: int, rounds: int = 1, min_completed: int | None = None, timeout_s: float = 30) -> Any:
+    return parse_config(
+        {
+            "state_dir": str(state),
+            "data": {"test_data_dir": "builtin"},
+            "federation": {
+                "strategy": "fedavg",
+                "rounds": rounds,
+                "clients_per_round": clients,
+                "min_clients": clients,
+                "min_completed": min_completed or clients,
+                "round_timeout_s": timeout_s,
+            },
+            "bandwidth": {"policy": "fixed"},
+            "auth": {"enrollment_tokens": [TOKEN]},
+        }
+    )
+
+
+async def _joined(fed: Federation, client_id: str) -> str:
+    cid, credential = await fed.join(TOKEN, ClientProfile(), client_id)
+    fed.authenticate(credential)  # it has called once: it may be sampled
+    return cid
+
+
+def _update(fed: Federation, task: TrainAssignment, key: str, scale: float = 1.0) -> tuple[UploadHeader, bytes]:
+    model = decode_state(bundle_from_bytes(fed.blobs.get(task.model.sha256)))
+    state = {k: (v * scale).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in model.items()}
+    payload = bundle_to_bytes(encode_state(state, Encoding()))
+    header = UploadHeader(
+        round=task.round,
+        task_id=task.task_id,
+        idempotency_key=key,
+        num_examples=100,
+        label_counts=(10,) * 10,
+        payload_bytes=len(payload),
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        metrics={"loss": 1.0},
+        train_seconds=0.1,
+    )
+    return header, payload
+
+
+def test_an_unreadable_acknowledged_update_is_reported_and_quarantined(tmp_path: Path) -> None:
+    async def scenario() -> tuple[Any, Any, list[Path]]:
+        fed = await build_federation(_config(tmp_path / "state", clients=3))
+        ids = [await _joined(fed, f"c{i}") for i in range(3)]
+        engine = asyncio.create_task(fed.run())
+        tasks = [await fed.poll(cid, 30) for cid in ids]
+        assert all(isinstance(t, TrainAssignment) for t in tasks)
+        updates = []
+        for cid, task, scale in zip(ids, tasks, (0.9, 1.1, 1.3), strict=True):
+            assert isinstance(task, TrainAssignment)
+            header, payload = _update(fed, task, f"{cid}:0", scale)
+            if cid == "c0":  # corrupt on disk after it was acknowledged
+                await fed.accept_upload(cid, header, payload, len(payload))
+                (record,) = [u for u in await fed.store.updates_for(0, 0) if u.client_id == cid]
+                fed.blobs.path(record.payload_sha256).write_bytes(b"bit rot")  # type: ignore[attr-defined]
+            elif cid == "c1":  # gone from disk after it was acknowledged
+                await fed.accept_upload(cid, header, payload, len(payload))
+                (record,) = [u for u in await fed.store.updates_for(0, 0) if u.client_id == cid]
+                fed.blobs.path(record.payload_sha256).unlink()  # type: ignore[attr-defined]
+            else:
+                await fed.accept_upload(cid, header, payload, len(payload))
+            updates.append(header)
+        await asyncio.wait_for(engine, 60)  # the round commits: no exception, no crash loop
+        (row,) = await fed.ledger()
+        quarantined = list((tmp_path / "state" / "blobs" / "quarantine").iterdir())
+        await fed.close()
+        return row, {c.client_id: (c.outcome, c.reason) for c in row.clients}, quarantined
+
+    row, outcomes, quarantined = asyncio.run(scenario())
+    assert outcomes["c2"] == ("completed", "")
+    assert outcomes["c0"][0] == "rejected" and "acknowledged, but its stored update" in outcomes["c0"][1]
+    assert "corrupt on disk" in outcomes["c0"][1] and "quarantined as" in outcomes["c0"][1]
+    assert outcomes["c1"][0] == "rejected" and "No such file or directory" in outcomes["c1"][1]
+    assert row.extras["unreadable_updates"] == 2.0 and len(quarantined) == 1
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Fills the disk to the last byte with one file (deleted to free it)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 10, 1):  # unbuffered: a write that does not fit fails at once
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(size))
+    return filler
+
+
+@pytest.mark.integration  # mounts a tmpfs (a process)
+def test_a_full_disk_refuses_uploads_with_a_retry_time_and_pauses_the_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _small_disk(tmp_path / "disk", "16m") as disk:
+
+        async def scenario() -> dict[str, Any]:
+            # Two sampled, one needed: the round commits at its 3 s deadline, after the disk filled.
+            fed = await build_federation(_config(disk / "state", 2, rounds=2, min_completed=1, timeout_s=3))
+            cid = await _joined(fed, "dev")
+            await _joined(fed, "silent")
+            engine = asyncio.create_task(fed.run())
+            task = await fed.poll(cid, 30)
+            assert isinstance(task, TrainAssignment)
+            header, payload = _update(fed, task, "dev:0", 1.01)
+            filler = _fill(disk)
+            with pytest.raises(errors.ResourceExhausted, match="the coordinator's disk is full") as refused:
+                await fed.accept_upload(cid, header, payload, len(payload))
+            filler.unlink()  # space again: the same upload, retried, is accepted
+            ack = await fed.accept_upload(cid, header, payload, len(payload))
+            filler = _fill(disk)  # and the disk fills before the round's deadline: the commit cannot be written
+            await asyncio.sleep(5)
+            paused = not engine.done() and fed.current_round == 0
+            filler.unlink()
+            while fed.current_round < 1 and not engine.done():
+                await asyncio.sleep(0.1)
+            rows = await fed.ledger()
+            engine.cancel()
+            await fed.close()
+            return {
+                "retry_after_s": refused.value.retry_after_s,
+                "ack_round": ack.round,
+                "paused": paused,
+                "outcomes": {c.client_id: c.outcome for c in rows[0].clients} if rows else {},
+            }
+
+        out = asyncio.run(scenario())
+    assert out["retry_after_s"] and out["retry_after_s"] > 0
+    assert out["ack_round"] == 0 and out["paused"], out
+    assert out["outcomes"] == {"dev": "completed", "silent": "dropped"}  # the acknowledged update counted
+    assert any("committing round 0: the disk is full" in r.getMessage() for r in caplog.records)
