@@ -97,6 +97,8 @@ class RoundEngine:
         self.federation_id = ""
         self.current_round = 0
         self.global_model_sha = ""
+        # Set when the global model had to be recovered: the round it came from (-1 = initial model).
+        self._recovered_from: float | None = None
         self.last_accuracy = math.nan
         self.last_loss = math.nan
         self.open_round: OpenRound | None = None
@@ -237,9 +239,45 @@ class RoundEngine:
     async def _prepare_variants(self, model_sha: str, artifacts: tuple[ArtifactRecord, ...]) -> RoundVariants:
         return await asyncio.to_thread(self.transfers.prepare, model_sha, artifacts)
 
+    async def _readable_global_model(self) -> None:
+        """The global model's blob is verified before a round is built on it. When it is corrupt or
+        gone, the federation goes on from the newest model it can still read (the ledger's committed
+        models, newest first, then the task's seeded initial model), says so in the log and in the
+        next ledger row (extra global_model_recovered_from_round, -1 = the initial model), and
+        quarantines the bad file: a lost blob costs rounds of progress, never a crash loop."""
+        try:
+            await asyncio.to_thread(self.blobs.get, self.global_model_sha)
+            return
+        except (OSError, CodecError) as err:
+            lost, why = self.global_model_sha, err
+        if isinstance(why, BlobCorrupt):
+            await asyncio.to_thread(self.blobs.quarantine, lost)
+        recovered_from, model_sha = -1, None
+        for row in reversed(await self.store.ledger()):
+            if row.model_sha256 and row.model_sha256 != lost and self.blobs.has(row.model_sha256):
+                try:
+                    await asyncio.to_thread(self.blobs.get, row.model_sha256)
+                except (OSError, CodecError):
+                    continue
+                recovered_from, model_sha = row.round, row.model_sha256
+                break
+        if model_sha is None:
+            initial = await asyncio.to_thread(self.model.initial_state, self.config.federation.seed)
+            model_sha = await asyncio.to_thread(self.blobs.put, state_bytes(initial))
+        _LOGGER.error(
+            "the global model %s cannot be read (%s): going on from %s",
+            lost[:12],
+            why,
+            "the task's initial model" if recovered_from < 0 else f"the model committed in round {recovered_from}",
+        )
+        await self.store.set_meta({"global_model": model_sha})
+        self.global_model_sha = model_sha
+        self._recovered_from = float(recovered_from)
+
     async def _open(self, eligible: list[str]) -> None:
         fed = self.config.federation
         round_ = self.current_round
+        await self._readable_global_model()
         attempt = await self.store.max_attempt(round_) + 1
         rng = random.Random(f"{fed.seed}:{round_}:{attempt}")
         cohort = {
@@ -331,6 +369,8 @@ class RoundEngine:
             kept = ("unreadable_updates", "no acknowledged update of the round could be read back")
         if acknowledged > len(results):
             extras["unreadable_updates"] = float(acknowledged - len(results))
+        if self._recovered_from is not None:
+            extras["global_model_recovered_from_round"] = self._recovered_from
         model_sha = r.model_sha256
         if kept is None:
             model_sha = await asyncio.to_thread(lambda: self.blobs.put(state_bytes(aggregate.state)))
@@ -385,6 +425,7 @@ class RoundEngine:
             meta["strategy_state"] = await asyncio.to_thread(self.blobs.put, strategy_state)
         await self.store.commit_round(r.round, r.attempt, row, meta)
         self.global_model_sha = model_sha
+        self._recovered_from = None
         self.current_round = r.round + 1
         if not math.isnan(accuracy):
             self.last_accuracy, self.last_loss = accuracy, loss

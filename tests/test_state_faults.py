@@ -171,3 +171,26 @@ def test_a_full_disk_refuses_uploads_with_a_retry_time_and_pauses_the_engine(
     assert out["ack_round"] == 0 and out["paused"], out
     assert out["outcomes"] == {"dev": "completed", "silent": "dropped"}  # the acknowledged update counted
     assert any("committing round 0: the disk is full" in r.getMessage() for r in caplog.records)
+
+
+def test_a_lost_global_model_is_recovered_from_the_newest_readable_one(tmp_path: Path) -> None:
+    """A deleted model file made the coordinator exit at the first round, and at every restart."""
+
+    async def one_round(rounds: int) -> Any:
+        fed = await build_federation(_config(tmp_path / "state", clients=1, rounds=rounds))
+        cid = await _joined(fed, f"dev-{rounds}")  # a new device each run (a known id needs its credential)
+        engine = asyncio.create_task(fed.run())
+        task = await fed.poll(cid, 30)
+        assert isinstance(task, TrainAssignment)
+        header, payload = _update(fed, task, f"dev:{task.round}", 1.01)
+        await fed.accept_upload(cid, header, payload, len(payload))
+        await asyncio.wait_for(engine, 60)
+        rows = await fed.ledger()
+        await fed.close()
+        return rows, task
+
+    (first,), _ = asyncio.run(one_round(1))
+    (tmp_path / "state" / "blobs" / first.model_sha256[:2] / first.model_sha256).unlink()
+    rows, task = asyncio.run(one_round(2))  # round 1 opens on the initial model (round 0's is gone)
+    assert task.round == 1 and rows[-1].extras["global_model_recovered_from_round"] == -1.0
+    assert "global_model_recovered_from_round" not in rows[0].extras
