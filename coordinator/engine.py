@@ -431,6 +431,7 @@ class RoundEngine:
             self.last_accuracy, self.last_loss = accuracy, loss
         self.open_round = None
         await self._append_ledger(row)
+        await self._prune_updates(r.round)
         _LOGGER.info(
             "round %d committed: %d/%d updates, accuracy %.4f, %d B down, %d B up",
             r.round,
@@ -444,6 +445,24 @@ class RoundEngine:
             Event("committed", r.round, cohort_size=len(r.cohort), updates_received=len(r.accepted), ledger_row=row)
         )
         self.changed.notify()
+
+    async def _prune_updates(self, committed: int) -> None:
+        """Retention: deletes the updates of the round that just fell out of the kept window. A blob
+        that is also a committed model (a client that sent the model back unchanged) stays."""
+        keep = self.config.retention.keep_update_rounds
+        old = committed - keep
+        if keep == 0 or old < 0:
+            return
+        rows = await self.store.ledger()
+        protected = {r.model_sha256 for r in rows} | {self.global_model_sha}
+        digests = set()
+        for attempt in range(await self.store.max_attempt(old) + 1):  # attempts count from 0
+            digests |= {u.payload_sha256 for u in await self.store.updates_for(old, attempt)}
+        removed = 0
+        for digest in sorted(digests - protected):
+            removed += await asyncio.to_thread(self.blobs.delete, digest)
+        if removed:
+            _LOGGER.info("retention: removed %d update(s) of round %d", removed, old)
 
     @staticmethod
     def _non_finite(state: State) -> tuple[str, str] | None:

@@ -38,6 +38,13 @@ class FileBlobStore(BlobStore):
             raise BlobCorrupt(f"blob {digest} is corrupt on disk (digest mismatch)")
         return data
 
+    def delete(self, digest: str) -> bool:
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def quarantine(self, digest: str) -> str | None:
         source = self.path(digest)
         if not source.exists():

@@ -51,6 +51,10 @@ class BlobStore(ABC):
     def has(self, digest: str) -> bool: ...
 
     @abstractmethod
+    def delete(self, digest: str) -> bool:
+        """Removes a blob (retention); False when it was not there."""
+
+    @abstractmethod
     def quarantine(self, digest: str) -> str | None:
         """Moves an unreadable blob aside (kept for an operator to inspect, never served or read
         again); returns where it went, None when there was nothing to move."""

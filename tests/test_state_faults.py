@@ -194,3 +194,38 @@ def test_a_lost_global_model_is_recovered_from_the_newest_readable_one(tmp_path:
     rows, task = asyncio.run(one_round(2))  # round 1 opens on the initial model (round 0's is gone)
     assert task.round == 1 and rows[-1].extras["global_model_recovered_from_round"] == -1.0
     assert "global_model_recovered_from_round" not in rows[0].extras
+
+
+def test_retention_removes_old_rounds_updates_and_keeps_every_model(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[Any], list[Any], Any]:
+        config = _config(tmp_path / "state", clients=2, rounds=3)
+        config = config.model_copy(update={"retention": config.retention.model_copy(update={"keep_update_rounds": 1})})
+        fed = await build_federation(config)
+        ids = [await _joined(fed, "a"), await _joined(fed, "b")]
+        engine = asyncio.create_task(fed.run())
+        for round_ in range(3):
+            for k, cid in enumerate(ids):  # two different updates: the mean is neither of them
+                task = await fed.poll(cid, 30)
+                assert isinstance(task, TrainAssignment) and task.round == round_
+                header, payload = _update(fed, task, f"{cid}:{round_}", 1.0 + 0.01 * (k + 1))
+                await fed.accept_upload(cid, header, payload, len(payload))
+            while fed.current_round <= round_ and not engine.done():
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(engine, 60)
+        updates = [u for q in range(3) for u in await fed.store.updates_for(q, 0)]
+        rows = await fed.ledger()
+        blobs = fed.blobs
+        await fed.close()
+        return updates, rows, blobs
+
+    updates, rows, blobs = asyncio.run(scenario())
+    # Rounds 0 and 1 fell out of the window of 1; round 2's updates and every model stay.
+    assert [(u.round, blobs.has(u.payload_sha256)) for u in sorted(updates, key=lambda u: u.round)] == [
+        (0, False),
+        (0, False),
+        (1, False),
+        (1, False),
+        (2, True),
+        (2, True),
+    ]
+    assert all(blobs.has(r.model_sha256) for r in rows)
