@@ -319,6 +319,7 @@ class RoundEngine:
             await self.changed.wait(min(TICK_S, max(0.01, (r.deadline_ms - now_ms()) / 1000)))
         await r.close()  # uploads between their last check and their record finish first
         self.changed.notify()
+        carried = await self._carry_earlier_attempts(r)
         wait_s = (now_ms() - r.opened_ms) / 1000
         needed = self.config.federation.min_completed
         if len(r.accepted) < needed:
@@ -330,7 +331,24 @@ class RoundEngine:
             )
             self.open_round = None
             return
-        await self._until_written(lambda: self._commit(r, wait_s), f"committing round {r.round}")
+        await self._until_written(lambda: self._commit(r, wait_s, carried), f"committing round {r.round}")
+
+    async def _carry_earlier_attempts(self, r: OpenRound) -> int:
+        """An update acknowledged in an earlier attempt of this round (one that failed for want of
+        updates) counts in this one, unless its client delivered again: it was trained on the same
+        global model, and an acknowledgement is a promise. Its client joins the row as completed,
+        and the row's extra ``carried_from_failed_attempts`` says how many came this way."""
+        carried = 0
+        for attempt in range(r.attempt - 1, -1, -1):  # the newest earlier attempt first
+            for u in await self.store.updates_for(r.round, attempt):
+                if u.client_id in r.accepted or u.client_id in r.rejected or u.client_id in r.declined:
+                    continue
+                r.accepted[u.client_id] = u
+                r.cohort.setdefault(u.client_id, u.task_id)
+                carried += 1
+        if carried:
+            _LOGGER.info("round %d: %d update(s) acknowledged in earlier attempts count here", r.round, carried)
+        return carried
 
     def _client_results(self, r: OpenRound) -> list[ClientResult]:
         """The round's acknowledged updates, read back and verified. One that can no longer be read
@@ -354,7 +372,7 @@ class RoundEngine:
             results.append(ClientResult(u.client_id, state, u.num_examples, u.label_counts, u.metrics))
         return results
 
-    async def _commit(self, r: OpenRound, wait_s: float) -> None:
+    async def _commit(self, r: OpenRound, wait_s: float, carried: int = 0) -> None:
         t0 = time.monotonic()
         global_state = await asyncio.to_thread(self.load_state, r.model_sha256)
         acknowledged = len(r.accepted)
@@ -371,6 +389,8 @@ class RoundEngine:
             extras["unreadable_updates"] = float(acknowledged - len(results))
         if self._recovered_from is not None:
             extras["global_model_recovered_from_round"] = self._recovered_from
+        if carried:
+            extras["carried_from_failed_attempts"] = float(carried)
         model_sha = r.model_sha256
         if kept is None:
             model_sha = await asyncio.to_thread(lambda: self.blobs.put(state_bytes(aggregate.state)))

@@ -229,3 +229,31 @@ def test_retention_removes_old_rounds_updates_and_keeps_every_model(tmp_path: Pa
         (2, True),
     ]
     assert all(blobs.has(r.model_sha256) for r in rows)
+
+
+def test_an_update_acknowledged_in_a_failed_attempt_counts_in_the_next(tmp_path: Path) -> None:
+    """Before, when a round attempt failed for want of updates, the ones it had acknowledged vanished."""
+
+    async def scenario() -> Any:
+        config = _config(tmp_path / "state", clients=2, rounds=1, timeout_s=1.5)
+        fed = await build_federation(config)
+        a, b = await _joined(fed, "a"), await _joined(fed, "b")
+        engine = asyncio.create_task(fed.run())
+        first = await fed.poll(a, 30)
+        assert isinstance(first, TrainAssignment) and first.round == 0
+        header, payload = _update(fed, first, "a:0", 1.01)
+        await fed.accept_upload(a, header, payload, len(payload))  # acknowledged; b never answers
+        while await fed.store.max_attempt(0) < 1:  # attempt 0 fails at its deadline, attempt 1 opens
+            await asyncio.sleep(0.05)
+        second = await fed.poll(b, 30)
+        assert isinstance(second, TrainAssignment) and second.round == 0 and second.task_id != first.task_id
+        header, payload = _update(fed, second, "b:0", 0.99)
+        await fed.accept_upload(b, header, payload, len(payload))
+        await asyncio.wait_for(engine, 60)  # a's update from attempt 0 and b's: 2 of 2, it commits
+        (row,) = await fed.ledger()
+        await fed.close()
+        return row
+
+    row = asyncio.run(scenario())
+    assert row.attempt == 1 and {c.client_id: c.outcome for c in row.clients} == {"a": "completed", "b": "completed"}
+    assert row.extras["carried_from_failed_attempts"] == 1.0
