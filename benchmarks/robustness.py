@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(r["excluded_updates"]),
                 str(r["clipped_updates"]),
                 str(r["rounds_model_kept"]),
+                f"{r['rounds_committed']}/{r['rounds']}{' stalled' if r['stalled'] else ''}",
                 f"{1000 * r['aggregate_seconds_per_round']:.0f}",
             )
         console.print(table)
