@@ -21,6 +21,7 @@ import grpc
 
 from fedgen.coordinator import errors
 from fedgen.coordinator.auth_bucket import TokenBucket
+from fedgen.coordinator.call_slots import CallSlots
 from fedgen.coordinator.peer_limits import PeerLimits
 from fedgen.core.transport import bearer_from_metadata
 
@@ -88,25 +89,28 @@ def _handler_like(handler: Handler, behaviour: Any, streaming_behaviour: Any) ->
     return grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
 
 
-Guard: TypeAlias = Callable[[Context], None]
+#: Admits a call (returning the caller's client id, if it has one) or raises a FederationError.
+Guard: TypeAlias = Callable[[Context], "str | None"]
 
 
-def _guarded(handler: Handler, guard: Guard, max_request_bytes: int | None) -> Handler:
-    """The same handler behind ``guard`` (which raises a FederationError to refuse the call before
-    a byte of it is parsed), parsing request bytes itself: malformed protobuf becomes
-    INVALID_ARGUMENT naming the message type, instead of gRPC's UNKNOWN/INTERNAL, and a message
-    over ``max_request_bytes`` is refused unread (RESOURCE_EXHAUSTED)."""
+def _guarded(handler: Handler, guard: Guard, max_request_bytes: int | None, slots: CallSlots) -> Handler:
+    """The same handler behind ``guard`` (which refuses the call before a byte of it is parsed)
+    and holding one of ``slots`` while it runs, parsing request bytes itself: malformed protobuf
+    becomes INVALID_ARGUMENT naming the message type, instead of gRPC's UNKNOWN/INTERNAL, and a
+    message over ``max_request_bytes`` is refused unread (RESOURCE_EXHAUSTED)."""
     parse_bytes: Callable[[bytes], Any] | None = handler.request_deserializer
     if parse_bytes is None:
         return handler
     # grpc.aio handlers are coroutines (the stubs describe the synchronous API).
     inner: Any = handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
 
-    async def admit(context: Context) -> None:
+    async def admit(context: Context) -> str | None:
         try:
-            guard(context)
+            caller = guard(context)
+            slots.take(caller)
         except errors.FederationError as err:
             await context.abort(err.code, str(err), errors.trailers(err))
+        return caller
 
     async def parse(raw: bytes, context: Context) -> Any:
         if max_request_bytes is not None and len(raw) > max_request_bytes:
@@ -124,22 +128,28 @@ def _guarded(handler: Handler, guard: Guard, max_request_bytes: int | None) -> H
             yield await parse(raw, context)
 
     async def unary_response(request: Any, context: Context) -> Any:
-        await admit(context)
-        parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
-        return await inner(parsed_request, context)
+        caller = await admit(context)
+        try:
+            parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
+            return await inner(parsed_request, context)
+        finally:
+            slots.give_back(caller)
 
     async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-        await admit(context)
-        parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
-        async for item in inner(parsed_request, context):
-            yield item
+        caller = await admit(context)
+        try:
+            parsed_request = parsed(request, context) if handler.request_streaming else await parse(request, context)
+            async for item in inner(parsed_request, context):
+                yield item
+        finally:
+            slots.give_back(caller)
 
     return _handler_like(handler, unary_response, stream_response)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Credentials for Fleet, the operator token for Control, a request budget per client and a
-    failed-authentication budget per peer address.
+    """Credentials for Fleet, the operator token for Control, a request budget per client, a
+    failed-authentication budget per peer address, and caps on calls in flight.
 
     Calls to other services on the same server (health, reflection, the user's own) pass untouched.
     """
@@ -150,11 +160,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         operator_token_sha256: str | None,
         limiter: RateLimiter,
         peers: PeerLimits | None = None,
+        slots: CallSlots | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.operator_token_sha256 = operator_token_sha256
         self.limiter = limiter
         self.peers = peers or PeerLimits(0, 1, 0, 1)
+        self.slots = slots or CallSlots(1 << 62, 1 << 62)
 
     def _check_control(self, secret: str | None, context: Context) -> None:
         peer = context.peer()
@@ -164,13 +176,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except errors.Unauthenticated as err:
             raise self.peers.failed(peer) or err from None
 
-    def _check_client(self, secret: str | None, context: Context) -> None:
+    def _check_client(self, secret: str | None, context: Context) -> str:
         try:
             client_id = self.authenticator.authenticate(secret)
         except errors.Unauthenticated as err:
             # Credentials are 192-bit secrets: a right one is never refused for its peer's failures.
             raise self.peers.failed(context.peer()) or err from None
         self.limiter.check(client_id)
+        return client_id
 
     async def intercept_service(
         self,
@@ -184,16 +197,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         secret = bearer_from_metadata(details.invocation_metadata)
         name = method.lstrip("/")
 
-        def guard(context: Context) -> None:
+        def guard(context: Context) -> str | None:
             try:
                 if method.startswith(CONTROL_PREFIX):
                     self._check_control(secret, context)
                 elif method != JOIN_METHOD:  # Join's enrollment token is checked by the registry
-                    self._check_client(secret, context)
+                    return self._check_client(secret, context)
+                return None
             except errors.FederationError as err:
                 # A peer refused for its failures is not logged per call (a flood would fill the disk).
                 level = logging.DEBUG if isinstance(err, errors.ResourceExhausted) else logging.INFO
                 _LOGGER.log(level, "[%s] %s from %s: %s", name, err.code.name, context.peer(), err)
                 raise
 
-        return _guarded(handler, guard, None if method == UPLOAD_METHOD else MAX_REQUEST_BYTES)
+        return _guarded(handler, guard, None if method == UPLOAD_METHOD else MAX_REQUEST_BYTES, self.slots)

@@ -108,12 +108,21 @@ class ServerConfig(_Section):
     idle_connection_s: float = Field(300.0, gt=0, le=86_400)
     # Calls one connection may have in flight at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
     max_streams_per_connection: int = Field(64, ge=1, le=10_000)
+    # Calls one client id may have in flight at once, over all its connections (an edge client
+    # needs 3: a long poll, a heartbeat, a transfer), and Fleet and Control calls in flight in all.
+    # Past either a new call gets RESOURCE_EXHAUSTED with a time to retry.
+    max_calls_per_client: int = Field(8, ge=3, le=10_000)
+    max_calls_in_flight: int = Field(50_000, ge=16, le=10_000_000)
     # An upload whose next message does not arrive this long is ended (DEADLINE_EXCEEDED) and
     # what it had sent is dropped: a stalled stream cannot hold its buffer.
     upload_idle_s: float = Field(30.0, gt=0, le=3_600)
-    # Payload bytes all uploads in flight may declare together; past it a new upload gets
+    # Payload bytes all uploads in flight may declare together (they are written to scratch files
+    # under state_dir/incoming as they arrive, not held in memory); past it a new upload gets
     # RESOURCE_EXHAUSTED (the client retries later). One upload per client at a time.
     max_upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # Received payloads checked (decoded, shapes and values verified) at once: each holds its
+    # payload and decoded state in memory; the others wait their turn.
+    max_concurrent_upload_checks: int = Field(4, ge=1, le=256)
     tls: TlsConfig = TlsConfig()
 
     @field_validator("address")

@@ -28,6 +28,7 @@ from fedgen.coordinator.state_lock import StateDirLock
 from fedgen.coordinator.store import BlobStore, StateStore
 from fedgen.coordinator.strategy import Strategy
 from fedgen.coordinator.transfers import TransferPlanner
+from fedgen.coordinator.upload_spool import SpooledPayload, UploadSpool
 from fedgen.core.task import TaskIdentity
 from fedgen.export.codec import State
 from fedgen.export.model_export import ExportFormat
@@ -59,11 +60,13 @@ class Federation:
         self.board = TaskBoard(self.engine, self.registry, wakers)
         self.intake = UploadIntake(config.server, self.engine, store, self.registry, self.bus, changed)
         self.downloads = ArtifactServer(blobs, self.engine.is_published)
+        self.spool = UploadSpool(config.state_path / "incoming")
         self._changed = changed
 
     async def load(self) -> None:
         """Reads clients and the federation's progress from the store (before the port opens)."""
         self.registry.load(await self.store.clients())
+        await asyncio.to_thread(self.spool.clear)
         await self.engine.load()
 
     async def run(self) -> None:
@@ -171,7 +174,12 @@ class Federation:
         return await self.intake.check_header(client_id, header)
 
     async def accept_upload(
-        self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int, up_seconds: float = 0.0
+        self,
+        client_id: str,
+        header: UploadHeader,
+        payload: bytes | SpooledPayload,
+        bytes_up: int,
+        up_seconds: float = 0.0,
     ) -> UploadResult:
         return await self.intake.accept(client_id, header, payload, bytes_up, up_seconds)
 

@@ -1,10 +1,11 @@
 """What a sampled client sends back: its update (checked, persisted, then acknowledged) or its refusal.
 
 An upload passes four gates in order: the header (cheap checks before the payload is read; a
-retried upload is recognised by its idempotency key and acknowledged again), the payload
-(digest, counts, report, tensors: in a worker thread), the blob store (the payload is durable),
-and the state store (the update's record is durable). Only then is it acknowledged. A bad update
-is refused with a message that names what was wrong, counted in the ledger, and the round goes on.
+retried upload is recognised by its idempotency key and acknowledged again), the payload (its
+digest, taken as it arrived; then counts, report, tensors in a worker thread), the blob store
+(the payload is durable), and the state store (the update's record is durable). Only then is it
+acknowledged. A bad update is refused with a message that names what was wrong, counted in the
+ledger, and the round goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedgen.coordinator.records import UpdateRecord
 from fedgen.coordinator.registry import ClientRegistry
 from fedgen.coordinator.rounds import OpenRound
 from fedgen.coordinator.store import StateStore, is_disk_full
+from fedgen.coordinator.upload_spool import SpooledPayload
 from fedgen.coordinator.validation import UpdateRejected, validate_counts, validate_report, validate_state
 from fedgen.export.codec import CodecError, Encoding, apply_delta, bundle_from_bytes, decode_state
 
@@ -58,12 +60,20 @@ class UploadResult:
     received_bytes: int
 
 
-def _disk_full(err: BaseException) -> errors.ResourceExhausted:
+def disk_full_error(err: BaseException) -> errors.ResourceExhausted:
+    """What a client whose update met a full disk is told: try again (its update was not kept)."""
     _LOGGER.error("[Fleet.UploadUpdate] not stored, the disk is full: %s", err)
     return errors.ResourceExhausted(
         "the coordinator's disk is full: the update was not stored; retry (same idempotency key)",
         DISK_FULL_RETRY_S,
     )
+
+
+def _check_digest(header: UploadHeader, size: int, sha256: str) -> None:
+    if size != header.payload_bytes:
+        raise UpdateRejected(f"payload has {size} bytes, header declared {header.payload_bytes}")
+    if sha256 != header.payload_sha256.lower():
+        raise UpdateRejected("payload sha256 does not match the header's payload_sha256")
 
 
 class UploadIntake:
@@ -82,6 +92,7 @@ class UploadIntake:
         self._registry = registry
         self._bus = bus
         self._changed = changed
+        self._checks = asyncio.Semaphore(server.max_concurrent_upload_checks)
 
     def _open_round(self, round_: int) -> OpenRound:
         if self._engine.recovering:  # the open round is not back yet: a retry in a moment will find it
@@ -118,11 +129,18 @@ class UploadIntake:
         return None
 
     async def accept(
-        self, client_id: str, header: UploadHeader, payload: bytes, bytes_up: int, up_seconds: float = 0.0
+        self,
+        client_id: str,
+        header: UploadHeader,
+        payload: bytes | SpooledPayload,
+        bytes_up: int,
+        up_seconds: float = 0.0,
     ) -> UploadResult:
         """Validates and persists an update, then (only then) acknowledges it.
 
-        A difference against the round's model (any of its encodings) is added to the
+        `payload` is the bytes, or the scratch file a stream was written to (its size and digest
+        already known, so a payload that does not match its header is refused unread). A
+        difference against the round's model (any of its encodings) is added to the
         full-precision model here, so what is stored and aggregated is always a whole state.
         """
         duplicate = await self.check_header(client_id, header)
@@ -130,13 +148,16 @@ class UploadIntake:
             return duplicate
         r = self._open_round(header.round)
         try:
-            digest = await asyncio.to_thread(self._check_and_store, header, payload, r)
+            if isinstance(payload, SpooledPayload):
+                _check_digest(header, payload.size, payload.finish())
+            async with self._checks:  # each check holds a payload and its decoded state in memory
+                digest = await asyncio.to_thread(self._check_and_store, header, payload, r)
         except UpdateRejected as err:
             self.reject(client_id, r.round, str(err))
             raise
         except OSError as err:
             if is_disk_full(err):
-                raise _disk_full(err) from None
+                raise disk_full_error(err) from None
             raise
         plan = r.plans.get(client_id)
         transfers = self._engine.transfers
@@ -168,7 +189,7 @@ class UploadIntake:
         except BaseException as err:
             r.pending.pop(client_id).set_result(None)
             if is_disk_full(err):
-                raise _disk_full(err) from None
+                raise disk_full_error(err) from None
             raise
         r.pending.pop(client_id).set_result(update)
         r.accepted[client_id] = update
@@ -203,16 +224,18 @@ class UploadIntake:
         r.pending[client_id] = asyncio.get_running_loop().create_future()
         return None
 
-    def _check_and_store(self, header: UploadHeader, payload: bytes, r: OpenRound) -> str:
+    def _check_and_store(self, header: UploadHeader, received: bytes | SpooledPayload, r: OpenRound) -> str:
         """Validation and the durable payload in one trip to a worker thread; returns its blob id."""
+        if isinstance(received, SpooledPayload):
+            payload = received.read()
+        else:
+            payload = received
+            _check_digest(header, len(payload), hashlib.sha256(payload).hexdigest())
         return self._engine.blobs.put(self._checked_payload(header, payload, r))
 
     def _checked_payload(self, header: UploadHeader, payload: bytes, r: OpenRound) -> bytes:
-        """The checked update as the bytes to store: a whole fp32 state (deltas applied). Blocking."""
-        if len(payload) != header.payload_bytes:
-            raise UpdateRejected(f"payload has {len(payload)} bytes, header declared {header.payload_bytes}")
-        if hashlib.sha256(payload).hexdigest() != header.payload_sha256.lower():
-            raise UpdateRejected("payload sha256 does not match the header's payload_sha256")
+        """The checked update (its digest already matched) as the bytes to store: a whole fp32
+        state (deltas applied). Blocking."""
         spec, n_classes = self._engine.model.spec, self._engine.model.n_classes
         validate_counts(header.num_examples, header.label_counts, n_classes, r.plan.max_trained_examples)
         validate_report(header.metrics, header.train_seconds)

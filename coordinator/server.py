@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedgen.coordinator.auth import AuthInterceptor, RateLimiter
+from fedgen.coordinator.call_slots import CallSlots
 from fedgen.coordinator.config import CoordinatorConfig, ServerConfig, check_exposure
 from fedgen.coordinator.federation import Federation
 from fedgen.coordinator.file_blobs import FileBlobStore
@@ -68,7 +69,9 @@ def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInte
     """
     auth = federation.config.auth
     limiter = RateLimiter(auth.client_requests_per_second, auth.client_burst)
-    return [AuthInterceptor(federation, auth.operator_hash(), limiter, federation.registry.peers)]
+    server = federation.config.server
+    slots = CallSlots(server.max_calls_in_flight, server.max_calls_per_client)
+    return [AuthInterceptor(federation, auth.operator_hash(), limiter, federation.registry.peers, slots)]
 
 
 def add_servicers(

@@ -14,6 +14,8 @@ import grpc
 from fedgen.coordinator import errors, wire
 from fedgen.coordinator.auth import check_operator
 from fedgen.coordinator.federation import Federation
+from fedgen.coordinator.intake import UploadHeader, UploadResult, disk_full_error
+from fedgen.coordinator.store import is_disk_full
 from fedgen.coordinator.upload_budget import UploadBudget
 from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_from_metadata, wire_bytes
 from fedgen.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
@@ -170,11 +172,27 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 "[Fleet.UploadUpdate] duplicate upload %s from %s acknowledged again", header.idempotency_key, client_id
             )
             return wire.upload_result_to_proto(duplicate)
-        with self.uploads.reserve(client_id, header.payload_bytes):
+        try:
+            result = await self._receive_upload(client_id, header, first, stream)
+        except OSError as err:  # the scratch file: a full disk is worth a retry, anything else is not
+            if is_disk_full(err):
+                raise disk_full_error(err) from None
+            raise
+        ack = wire.upload_result_to_proto(result)
+        self.fed.record_download(client_id, wire_bytes(ack.ByteSize()))
+        return ack
+
+    async def _receive_upload(
+        self,
+        client_id: str,
+        header: UploadHeader,
+        first: fleet_pb2.UploadMessage,
+        stream: AsyncIterator[fleet_pb2.UploadMessage],
+    ) -> UploadResult:
+        """The payload's chunks, written to a scratch file as they arrive, then handed to intake."""
+        with self.uploads.reserve(client_id, header.payload_bytes), self.fed.spool.receive() as payload:
             started = time.monotonic()  # the upload's time on the link: header to last chunk
             received = wire_bytes(first.ByteSize())
-            parts: list[bytes] = []
-            size = 0
             while True:
                 try:
                     msg = await asyncio.wait_for(stream.__anext__(), self.upload_idle_s)
@@ -187,20 +205,14 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                     ) from None
                 if not msg.HasField("chunk"):
                     raise errors.InvalidArgument("only payload chunks may follow the UpdateHeader")
-                size += len(msg.chunk)
                 received += wire_bytes(msg.ByteSize())
-                if size > header.payload_bytes:
+                if payload.size + len(msg.chunk) > header.payload_bytes:
                     why = f"payload exceeds the declared payload_bytes ({header.payload_bytes})"
                     self.fed.reject(client_id, header.round, why)
                     raise errors.InvalidArgument(why)
-                parts.append(msg.chunk)
+                payload.write(msg.chunk)
             seconds = time.monotonic() - started
-            payload = b"".join(parts)
-            del parts
-            result = await self.fed.accept_upload(client_id, header, payload, received, seconds)
-        ack = wire.upload_result_to_proto(result)
-        self.fed.record_download(client_id, wire_bytes(ack.ByteSize()))
-        return ack
+            return await self.fed.accept_upload(client_id, header, payload, received, seconds)
 
     @unary_errors
     async def Heartbeat(self, request: fleet_pb2.HeartbeatRequest, context: Context) -> fleet_pb2.HeartbeatResponse:

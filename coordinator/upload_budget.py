@@ -1,8 +1,8 @@
-"""How much upload payload the coordinator holds at once, and one upload per client at a time.
+"""How much upload payload the coordinator takes in at once, and one upload per client at a time.
 
-An upload is buffered until its last chunk arrives (the payload is verified whole before anything
-is stored), so without a bound twenty stalled streams of a large model hold hundreds of MB. Each
-upload reserves the payload size its header declares; past the budget a new upload is refused with
+An upload is written to a scratch file until its last chunk arrives (the payload is verified
+whole before anything is kept), so without a bound twenty stalled streams of a large model fill
+the disk. Each upload reserves the payload size its header declares; past the budget a new upload is refused with
 RESOURCE_EXHAUSTED, which clients retry with backoff, and nothing already in flight is harmed.
 """
 

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,26 @@ def test_an_impostor_with_the_fleet_token_cannot_take_over_an_id(fed: LocalFeder
     stub.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=10, metadata=owner.md)  # the owner never noticed
     _honest_keep_training(fed)
     owner.leave()
+
+
+def test_a_client_cannot_hold_more_calls_open_than_its_share(fed: LocalFederation) -> None:
+    """Eight long polls of one id are held; the ninth is refused with a time to retry, and once
+    the polls return the id is served again. The honest clients never notice."""
+    greedy = RawClient(fed.address, "greedy")
+    # Not ready, so it is never sampled: its polls wait their whole time instead of getting a task.
+    busy = fleet_pb2.DeviceState(not_ready=True, reason="holding calls open")
+    greedy.stub.Heartbeat(fleet_pb2.HeartbeatRequest(state=busy), timeout=10, metadata=greedy.md)
+    request = fleet_pb2.PollTaskRequest(max_wait_ms=4000, state=busy)
+    held = [greedy.stub.PollTask.future(request, timeout=20, metadata=greedy.md) for _ in range(8)]
+    time.sleep(1.0)  # all eight admitted and waiting
+    refused = _rpc_error(lambda: greedy.stub.PollTask(request, timeout=20, metadata=greedy.md))
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "already has 8 calls in flight (server.max_calls_per_client)" in (refused.details() or "")
+    assert (_pushback_ms(refused) or 0) > 0
+    for call in held:
+        call.result(timeout=20)
+    greedy.stub.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=10, metadata=greedy.md)
+    _honest_keep_training(fed)
 
 
 def test_oversized_and_overlong_join_profiles_are_refused_before_they_cost_memory(fed: LocalFederation) -> None:
@@ -310,3 +331,70 @@ def test_a_stalled_upload_is_ended_and_a_second_concurrent_one_refused(mnist_dir
         stalled = outcome["stalled"]
         assert stalled.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "upload stalled: no message for 1.5 s" in (stalled.details() or "")
+        assert not list((tmp_path / "state" / "incoming").iterdir()), "the stalled upload's scratch file stays"
+
+
+def test_uploads_in_flight_are_written_to_disk_not_held_in_memory(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight clients each send 24 MB and wait: 192 MB in flight lie in scratch files, not in the
+    coordinator's memory, and go when their streams end."""
+    n, size = 8, 24 * 1024 * 1024
+    config = _config(mnist_dir, tmp_path, rounds=2, clients_per_round=n, min_clients=n, min_completed=n)
+    config = config.model_copy(
+        update={
+            "server": config.server.model_copy(
+                update={"max_upload_buffer_bytes": 512 * 1024 * 1024, "upload_idle_s": 10.0}
+            )
+        }
+    )
+    # Large blocks straight from mmap, so a freed one leaves the coordinator's RSS: RSS then
+    # measures what is held, not what glibc keeps for reuse.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    with LocalFederation(config, [], tmp_path) as fed:
+        fed.start_coordinator()
+        clients = [RawClient(fed.address, f"bulk-{i}") for i in range(n)]
+        with ThreadPoolExecutor(n) as pool:
+            tasks = list(pool.map(lambda c: c.poll_train(), clients))
+        process = _coordinator(fed)
+        rss_before = process.memory_info().rss
+        payload = os.urandom(size)
+        release = threading.Event()
+
+        def stalling(task: fleet_pb2.TrainTask, key: str) -> Iterator[fleet_pb2.UploadMessage]:
+            yield fleet_pb2.UploadMessage(
+                header=fleet_pb2.UpdateHeader(
+                    round=task.round,
+                    task_id=task.task_id,
+                    idempotency_key=key,
+                    num_examples=10,
+                    label_counts=[1] * 10,
+                    payload_bytes=size + 1,  # never complete: one byte is still to come
+                    payload_sha256="0" * 64,
+                )
+            )
+            for offset in range(0, size, 1 << 20):
+                yield fleet_pb2.UploadMessage(chunk=payload[offset : offset + (1 << 20)])
+            release.wait(30)  # then the stream ends, short of what its header declared
+
+        def upload(i: int) -> grpc.StatusCode:
+            try:
+                clients[i].stub.UploadUpdate(stalling(tasks[i], f"bulk-{i}"), timeout=60, metadata=clients[i].md)
+            except grpc.RpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+        incoming = tmp_path / "state" / "incoming"
+        with ThreadPoolExecutor(n) as pool:
+            outcomes = [pool.submit(upload, i) for i in range(n)]
+            deadline = time.monotonic() + 20
+            while sum(p.stat().st_size for p in incoming.iterdir()) < n * size and time.monotonic() < deadline:
+                time.sleep(0.05)
+            spooled = sum(p.stat().st_size for p in incoming.iterdir())
+            grown = process.memory_info().rss - rss_before
+            release.set()
+            codes = [o.result(timeout=30) for o in outcomes]
+        assert spooled == n * size
+        assert grown < n * size // 3, f"the coordinator grew {grown} bytes holding {n * size} in flight"
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * n  # each stream ended one byte short
+        assert not list(incoming.iterdir())
