@@ -22,6 +22,7 @@ import grpc
 from fedgen.coordinator import errors
 from fedgen.coordinator.auth_bucket import TokenBucket
 from fedgen.coordinator.call_slots import CallSlots
+from fedgen.coordinator.cert_identity import check_certified
 from fedgen.coordinator.peer_limits import PeerLimits
 from fedgen.core.transport import bearer_from_metadata
 
@@ -161,12 +162,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         limiter: RateLimiter,
         peers: PeerLimits | None = None,
         slots: CallSlots | None = None,
+        certified_ids: bool = False,
     ) -> None:
         self.authenticator = authenticator
         self.operator_token_sha256 = operator_token_sha256
         self.limiter = limiter
         self.peers = peers or PeerLimits(0, 1, 0, 1)
         self.slots = slots or CallSlots(1 << 62, 1 << 62)
+        self.certified_ids = certified_ids  # a credential counts only on its own certificate's connection
 
     def _check_control(self, secret: str | None, context: Context) -> None:
         peer = context.peer()
@@ -182,6 +185,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except errors.Unauthenticated as err:
             # Credentials are 192-bit secrets: a right one is never refused for its peer's failures.
             raise self.peers.failed(context.peer()) or err from None
+        if self.certified_ids:
+            check_certified(context.auth_context(), client_id)
         self.limiter.check(client_id)
         return client_id
 

@@ -69,6 +69,9 @@ class TlsConfig(_Section):
     cert_file: str | None = None  # PEM certificate chain
     key_file: str | None = None  # PEM private key
     client_ca_file: str | None = None  # PEM CA bundle that client certificates must chain to
+    # Under mutual TLS: a client's id is its certificate's common name, and its credential counts
+    # only on a connection with that certificate (needs TLS to end at the coordinator).
+    client_id_from_certificate: bool = False
 
     @model_validator(mode="after")
     def _check_pair(self) -> TlsConfig:
@@ -76,6 +79,8 @@ class TlsConfig(_Section):
             raise ValueError("cert_file and key_file must be given together")
         if self.client_ca_file is not None and self.cert_file is None:
             raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file")
+        if self.client_id_from_certificate and self.client_ca_file is None:
+            raise ValueError("client_id_from_certificate needs mutual TLS: set client_ca_file")
         for name in ("cert_file", "key_file", "client_ca_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():

@@ -132,9 +132,10 @@ class Federation:
         task: TaskIdentity | None = None,
         peer: str = "",
         previous_credential: str = "",
+        certified_id: str | None = None,
     ) -> tuple[str, str]:
         client_id, credential = await self.registry.join(
-            enrollment_token, profile, requested_id, task, peer, previous_credential
+            enrollment_token, profile, requested_id, task, peer, previous_credential, certified_id
         )
         self.engine.transfers.estimator.seed(client_id, float(profile.link_down_bps), float(profile.link_up_bps))
         self.bus.emit(Event("joined", self.engine.current_round, client_id=client_id))

@@ -101,12 +101,22 @@ class ClientRegistry:
         task: TaskIdentity | None = None,
         peer: str = "",
         previous_credential: str = "",
+        certified_id: str | None = None,
     ) -> tuple[str, str]:
         """Exchanges an enrollment token for (client_id, credential); durable before it returns.
 
         A client that declares another task than the coordinator's is refused (FAILED_PRECONDITION);
-        a known id without its previous credential is refused (ALREADY_EXISTS)."""
+        a known id without its previous credential is refused (ALREADY_EXISTS). With `certified_id`
+        (the id the connection's client certificate names) that is the id, and the certificate,
+        not a previous credential, proves a rejoin."""
         self.peers.check_join(peer)
+        if certified_id is not None:
+            if requested_id and requested_id != certified_id:
+                raise errors.PermissionDenied(
+                    f"requested_client_id {requested_id!r} is not the id this connection's certificate "
+                    f"names ({certified_id!r})"
+                )
+            requested_id = certified_id
         if requested_id and (len(requested_id) > MAX_CLIENT_ID or not set(requested_id) <= _CLIENT_ID_CHARS):
             raise errors.InvalidArgument(
                 f"requested_client_id must be 1-{MAX_CLIENT_ID} characters of letters, digits, '-', '_' or '.'"
@@ -116,9 +126,9 @@ class ClientRegistry:
             self._refuse(requested_id, peer, task, self._task)
         client_id = requested_id or f"client-{uuid.uuid4().hex[:10]}"
         previous = self._clients.get(client_id)
-        if previous is not None and not previous.left:
+        if previous is not None and not previous.left and certified_id is None:
             self._check_binding(previous, previous_credential, peer)
-        else:
+        elif previous is None or previous.left:
             self._check_capacity()
         credential = f"{client_id}.{secrets.token_urlsafe(24)}"
         record = ClientRecord(client_id, _sha256(credential), profile, now_ms(), last_seen=time.monotonic())

@@ -71,7 +71,8 @@ def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInte
     limiter = RateLimiter(auth.client_requests_per_second, auth.client_burst)
     server = federation.config.server
     slots = CallSlots(server.max_calls_in_flight, server.max_calls_per_client)
-    return [AuthInterceptor(federation, auth.operator_hash(), limiter, federation.registry.peers, slots)]
+    certified_ids = server.tls.client_id_from_certificate
+    return [AuthInterceptor(federation, auth.operator_hash(), limiter, federation.registry.peers, slots, certified_ids)]
 
 
 def add_servicers(

@@ -13,6 +13,7 @@ import grpc
 
 from fedgen.coordinator import errors, wire
 from fedgen.coordinator.auth import check_operator
+from fedgen.coordinator.cert_identity import certified_client_id
 from fedgen.coordinator.federation import Federation
 from fedgen.coordinator.intake import UploadHeader, UploadResult, disk_full_error
 from fedgen.coordinator.store import is_disk_full
@@ -95,6 +96,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self.max_poll_wait_s = max_poll_wait_s
         server = federation.config.server
         self.upload_idle_s = server.upload_idle_s
+        self.certified_ids = server.tls.client_id_from_certificate
         self.uploads = UploadBudget(server.max_upload_buffer_bytes)
 
     def _client(self, context: Context) -> str:
@@ -103,6 +105,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     @unary_errors
     async def Join(self, request: fleet_pb2.JoinRequest, context: Context) -> fleet_pb2.JoinResponse:
         task = wire.task_from_proto(request.task) if request.HasField("task") else None
+        certified = certified_client_id(context.auth_context()) if self.certified_ids else None
         client_id, credential = await self.fed.join(
             request.enrollment_token,
             wire.profile_from_proto(request.profile),
@@ -110,6 +113,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             task,
             context.peer(),
             request.previous_credential,
+            certified,
         )
         interval_ms = int(self.fed.config.federation.heartbeat_timeout_s * 1000 / 3)
         return fleet_pb2.JoinResponse(

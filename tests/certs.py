@@ -22,6 +22,7 @@ SERVER_NAME = "coordinator.fedgen.test"
 @dataclass(frozen=True)
 class Pki:
     ca_cert: Path
+    ca_key: Path
     server_cert: Path
     server_key: Path
     client_cert: Path
@@ -127,6 +128,7 @@ def make_pki(out: Path) -> Pki:
     rogue, rogue_client_key = _leaf("stranger", rogue_ca, rogue_key, server=False)
     return Pki(
         ca_cert=_write_cert(ca, out / "ca.pem"),
+        ca_key=_write_key(ca_key, out / "ca.key"),
         server_cert=_write_cert(server, out / "server.pem"),
         server_key=_write_key(server_key, out / "server.key"),
         client_cert=_write_cert(client, out / "client.pem"),
@@ -134,3 +136,13 @@ def make_pki(out: Path) -> Pki:
         rogue_client_cert=_write_cert(rogue, out / "rogue-client.pem"),
         rogue_client_key=_write_key(rogue_client_key, out / "rogue-client.key"),
     )
+
+
+def issue_client_cert(pki: Pki, common_name: str, out: Path) -> tuple[Path, Path]:
+    """A client certificate for `common_name` from the Pki's CA: (certificate, key) PEM paths."""
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    cert, key = _leaf(common_name, ca, ca_key, server=False)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_cert(cert, out / f"{common_name}.pem"), _write_key(key, out / f"{common_name}.key")
