@@ -99,6 +99,7 @@ class RoundEngine:
         self.global_model_sha = ""
         # Set when the global model had to be recovered: the round it came from (-1 = initial model).
         self._recovered_from: float | None = None
+        self._strategy_state_reset = False
         self.last_accuracy = math.nan
         self.last_loss = math.nan
         self.open_round: OpenRound | None = None
@@ -134,12 +135,27 @@ class RoundEngine:
         self.global_model_sha = model_sha
         strategy_state = await s.get_meta("strategy_state")
         if strategy_state is not None:
-            data = await asyncio.to_thread(self.blobs.get, strategy_state)
-            await asyncio.to_thread(self.strategy.load_state_bytes, data)
+            await self._load_strategy_state(strategy_state)
         rows = await s.ledger(max(0, self.current_round - 1))
         if rows:
             self.last_accuracy, self.last_loss = rows[-1].test_accuracy, rows[-1].test_loss
         self.finished = self.current_round >= self.config.federation.rounds
+
+    async def _load_strategy_state(self, digest: str) -> None:
+        """The server side's own state (FedGen's generator and its optimizer). When its blob is
+        corrupt or gone, the strategy starts afresh from its seeded state (the generator is
+        retrained from the next round), the log says so and the next ledger row carries extra
+        strategy_state_reset = 1: a lost blob costs the generator's progress, never a crash loop."""
+        try:
+            data = await asyncio.to_thread(self.blobs.get, digest)
+            await asyncio.to_thread(self.strategy.load_state_bytes, data)
+            return
+        except (OSError, CodecError, KeyError, ValueError, RuntimeError) as err:  # unreadable, or not this strategy's
+            why: BaseException = err
+        if isinstance(why, BlobCorrupt):
+            await asyncio.to_thread(self.blobs.quarantine, digest)
+        _LOGGER.error("the strategy's state %s cannot be read (%s): it starts afresh", digest[:12], why)
+        self._strategy_state_reset = True
 
     async def _check_task(self, stored: str | None, model_sha: str, task: str) -> None:
         """A state folder holds one task's federation: another task is refused before anything runs."""
@@ -211,7 +227,11 @@ class RoundEngine:
                 await self.store.fail_round(stored.round, stored.attempt)
                 continue
             deadline = max(stored.deadline_ms, now_ms() + int(self.config.federation.round_timeout_s * 1000))
-            variants = await self._prepare_variants(stored.model_sha256, stored.artifacts)
+            try:
+                variants = await self._prepare_variants(stored.model_sha256, stored.artifacts)
+            except (OSError, CodecError) as err:
+                await self._abandon_unreadable(stored.round, stored.attempt, err)
+                continue
             r = OpenRound(
                 stored.round,
                 stored.attempt,
@@ -235,6 +255,21 @@ class RoundEngine:
         self.changed.notify()
         if self.open_round is not None:
             await self._run_open_round()
+
+    async def _abandon_unreadable(self, round_: int, attempt: int, err: BaseException) -> None:
+        """A round left open whose model or artifacts can no longer be read is not reopened (that was
+        a crash loop): the attempt fails, and the next attempt opens on the newest readable model
+        (`_readable_global_model`) with the updates this one acknowledged carried over."""
+        acknowledged = len(await self.store.updates_for(round_, attempt))
+        _LOGGER.error(
+            "round %d attempt %d cannot be reopened, its model or artifacts cannot be read (%s): it is "
+            "opened again, with its %d acknowledged update(s) carried over",
+            round_,
+            attempt,
+            err,
+            acknowledged,
+        )
+        await self.store.fail_round(round_, attempt)
 
     async def _prepare_variants(self, model_sha: str, artifacts: tuple[ArtifactRecord, ...]) -> RoundVariants:
         return await asyncio.to_thread(self.transfers.prepare, model_sha, artifacts)
@@ -389,6 +424,8 @@ class RoundEngine:
             extras["unreadable_updates"] = float(acknowledged - len(results))
         if self._recovered_from is not None:
             extras["global_model_recovered_from_round"] = self._recovered_from
+        if self._strategy_state_reset:
+            extras["strategy_state_reset"] = 1.0
         if carried:
             extras["carried_from_failed_attempts"] = float(carried)
         model_sha = r.model_sha256
@@ -446,6 +483,7 @@ class RoundEngine:
         await self.store.commit_round(r.round, r.attempt, row, meta)
         self.global_model_sha = model_sha
         self._recovered_from = None
+        self._strategy_state_reset = False
         self.current_round = r.round + 1
         if not math.isnan(accuracy):
             self.last_accuracy, self.last_loss = accuracy, loss

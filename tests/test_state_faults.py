@@ -28,13 +28,20 @@ from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, de
 TOKEN = "state-faults-token"
 
 
-def _config(state: Path, clients: int, rounds: int = 1, min_completed: int | None = None, timeout_s: float = 30) -> Any:
+def _config(
+    state: Path,
+    clients: int,
+    rounds: int = 1,
+    min_completed: int | None = None,
+    timeout_s: float = 30,
+    strategy: str = "fedavg",
+) -> Any:
     return parse_config(
         {
             "state_dir": str(state),
             "data": {"test_data_dir": "builtin"},
             "federation": {
-                "strategy": "fedavg",
+                "strategy": strategy,
                 "rounds": rounds,
                 "clients_per_round": clients,
                 "min_clients": clients,
@@ -194,6 +201,77 @@ def test_a_lost_global_model_is_recovered_from_the_newest_readable_one(tmp_path:
     rows, task = asyncio.run(one_round(2))  # round 1 opens on the initial model (round 0's is gone)
     assert task.round == 1 and rows[-1].extras["global_model_recovered_from_round"] == -1.0
     assert "global_model_recovered_from_round" not in rows[0].extras
+
+
+def test_a_round_left_open_whose_model_is_lost_is_opened_again_with_its_updates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash with a round open, then its model file gone: the restart reopened the round on the
+    missing model and exited, at every restart. Now the attempt fails, the next opens on the
+    newest readable model, and the update acknowledged before the crash counts in it."""
+    state = tmp_path / "state"
+
+    async def crash_mid_round() -> str:
+        fed = await build_federation(_config(state, clients=2, timeout_s=3))
+        a, _ = await _joined(fed, "a"), await _joined(fed, "b")
+        engine = asyncio.create_task(fed.run())
+        task = await fed.poll(a, 30)
+        assert isinstance(task, TrainAssignment)
+        header, payload = _update(fed, task, "a:0", 1.01)
+        await fed.accept_upload(a, header, payload, len(payload))  # acknowledged, then the "crash"
+        assert fed.engine.open_round is not None
+        model_sha = fed.engine.open_round.model_sha256
+        engine.cancel()
+        await fed.close()
+        return model_sha
+
+    async def restart() -> Any:
+        fed = await build_federation(_config(state, clients=2, timeout_s=3))
+        engine = asyncio.create_task(fed.run())
+        _, task = await asyncio.gather(fed.poll("a", 30), fed.poll("b", 30))
+        assert isinstance(task, TrainAssignment) and task.round == 0
+        header, payload = _update(fed, task, "b:0", 0.99)
+        await fed.accept_upload("b", header, payload, len(payload))
+        await asyncio.wait_for(engine, 60)  # a answers nothing more: its acknowledged update counts
+        (row,) = await fed.ledger()
+        await fed.close()
+        return row
+
+    model_sha = asyncio.run(crash_mid_round())
+    (state / "blobs" / model_sha[:2] / model_sha).unlink()
+    row = asyncio.run(restart())
+    assert row.attempt == 1 and {c.client_id: c.outcome for c in row.clients} == {"a": "completed", "b": "completed"}
+    assert row.extras["carried_from_failed_attempts"] == 1.0
+    assert row.extras["global_model_recovered_from_round"] == -1.0
+    assert any("round 0 attempt 0 cannot be reopened" in r.getMessage() for r in caplog.records)
+
+
+def test_a_lost_strategy_state_starts_the_generator_afresh(tmp_path: Path) -> None:
+    """FedGen's generator state unreadable at start: the coordinator exited at every restart."""
+    state = tmp_path / "state"
+
+    async def rounds(total: int) -> Any:
+        fed = await build_federation(_config(state, clients=1, rounds=total, strategy="fedgen"))
+        cid = await _joined(fed, f"dev-{total}")
+        engine = asyncio.create_task(fed.run())
+        task = await fed.poll(cid, 30)
+        assert isinstance(task, TrainAssignment)
+        header, payload = _update(fed, task, f"dev:{task.round}", 1.01)
+        await fed.accept_upload(cid, header, payload, len(payload))
+        await asyncio.wait_for(engine, 120)
+        rows = await fed.ledger()
+        digest = await fed.store.get_meta("strategy_state")
+        await fed.close()
+        return rows, digest
+
+    _, digest = asyncio.run(rounds(1))
+    assert digest is not None
+    path = state / "blobs" / digest[:2] / digest
+    path.write_bytes(b"not a generator" + path.read_bytes()[15:])  # corrupt: quarantined on read
+    rows, _ = asyncio.run(rounds(2))
+    assert [r.round for r in rows] == [0, 1]
+    assert rows[-1].extras["strategy_state_reset"] == 1.0 and "strategy_state_reset" not in rows[0].extras
+    assert list((state / "blobs" / "quarantine").iterdir())
 
 
 def test_retention_removes_old_rounds_updates_and_keeps_every_model(tmp_path: Path) -> None:
