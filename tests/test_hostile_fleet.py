@@ -337,9 +337,10 @@ def test_a_stalled_upload_is_ended_and_a_second_concurrent_one_refused(mnist_dir
 def test_uploads_in_flight_are_written_to_disk_not_held_in_memory(
     mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Eight clients each send 24 MB and wait: 192 MB in flight lie in scratch files, not in the
-    coordinator's memory, and go when their streams end."""
-    n, size = 8, 24 * 1024 * 1024
+    """Eight clients each send 40 MB and wait: 320 MB in flight lie in scratch files, not in the
+    coordinator's memory (gRPC's receive buffers still grow it: 30-115 MB seen), and go when their
+    streams end."""
+    n, size = 8, 40 * 1024 * 1024
     config = _config(mnist_dir, tmp_path, rounds=2, clients_per_round=n, min_clients=n, min_completed=n)
     config = config.model_copy(
         update={
@@ -395,6 +396,7 @@ def test_uploads_in_flight_are_written_to_disk_not_held_in_memory(
             release.set()
             codes = [o.result(timeout=30) for o in outcomes]
         assert spooled == n * size
-        assert grown < n * size // 3, f"the coordinator grew {grown} bytes holding {n * size} in flight"
+        # Held whole, the payloads grew it by more than what was in flight (286 MB for 192 MB).
+        assert grown < n * size // 2, f"the coordinator grew {grown} bytes holding {n * size} in flight"
         assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * n  # each stream ended one byte short
         assert not list(incoming.iterdir())
