@@ -263,7 +263,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
+    console = Console(width=110)
     try:
         data_dir = args.data_dir or shared_data_dir() / "mnist"
         if args.out.exists():  # a coordinator resumes the federation it finds in its state: start afresh
