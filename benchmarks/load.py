@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -53,14 +54,13 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import itertools
-
 import grpc
 import numpy as np
 from common import REPO_ROOT, RESULTS_DIR, command_line, write_results
 
 from fedgen.coordinator.config import ConfigError, CoordinatorConfig, parse_config
 from fedgen.coordinator.plots import save_figure
+from fedgen.core.retry import RetryPolicy
 from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options
 from fedgen.export.codec import Encoding, bundle_from_bytes, bundle_to_bytes, decode_state, encode_state
 from fedgen.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
@@ -69,14 +69,16 @@ NAME = "load"
 SCRIPT = "benchmarks/load.py"
 TOKEN = "load-benchmark-enrollment-token"
 N_CLASSES = 10
-#: Status codes a client retries (with backoff and jitter); anything else is a failure of that call.
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-RETRIES = 4
+#: What a simulated client retries, and how long it waits: the edge client's policy
+#: (`fedgen.core.retry`: "try later" codes, backoff with full jitter, the server's pushback as a
+#: floor), with shorter waits since a simulated round is short.
+RETRY = RetryPolicy(initial_backoff_s=0.2, max_backoff_s=5.0)
 RSS_INTERVAL_S = 0.5
 
 # Measures, in table order: (key, rpc, what it is).
 MEASURES: tuple[tuple[str, str, str], ...] = (
     ("Join", "Join", "Join"),
+    ("Join.total", "Join", "  Join including its retries"),
     ("PollTask", "PollTask", "PollTask, non-waiting (max_wait_ms=0)"),
     ("PollTask.dispatch", "PollTask", "  task dispatch: round opened -> TRAIN received"),
     ("PollTask.overshoot", "PollTask", "  long poll held past max_wait (WAIT)"),
@@ -88,7 +90,7 @@ MEASURES: tuple[tuple[str, str, str], ...] = (
     ("Heartbeat", "Heartbeat", "Heartbeat"),
     ("Leave", "Leave", "Leave"),
 )
-DERIVED = {"PollTask.dispatch", "PollTask.overshoot"}
+DERIVED = {"Join.total", "PollTask.dispatch", "PollTask.overshoot"}
 RPC_NAMES = ("Join", "PollTask", "DownloadArtifact", "UploadUpdate", "Heartbeat", "Leave")
 
 T = TypeVar("T")
@@ -121,6 +123,7 @@ class Recorder:
     start_unix: float
     latency_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    retries: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))  # rpc -> code
     per_second: dict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
     dispatch: list[tuple[int, float]] = field(default_factory=list)  # (round, ms)
     accepted: list[dict[str, Any]] = field(default_factory=list)
@@ -151,6 +154,7 @@ class SimClient:
         self.stub = fleet_pb2_grpc.FleetStub(channel)
         self.rec = rec
         self.rng = np.random.default_rng([spec.seed, index])
+        self.jitter = random.Random(spec.seed * 1_000_003 + index)
         self.requested_id = f"load-{index:05d}"
         self.client_id = ""
         self.md: tuple[tuple[str, str], ...] = ()
@@ -166,24 +170,38 @@ class SimClient:
         return max(0.5, min(want_s, self.remaining_s()))
 
     async def _backoff(self, attempt: int) -> None:
-        await asyncio.sleep(min(5.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.5))
+        await asyncio.sleep(RETRY.backoff(attempt, self.jitter))
+
+    async def retried(self, rpc: str, err: grpc.aio.AioRpcError, attempt: int) -> bool:
+        """Waits before retrying `err`'s call; False when it is not worth retrying (or no time is left)."""
+        self.rec.error(rpc, err.code().name)
+        delay = RETRY.delay(err, attempt, self.jitter)
+        if delay is None or self.remaining_s() < delay + 2:
+            return False
+        self.rec.retries[rpc][err.code().name] += 1
+        await asyncio.sleep(delay)
+        return True
 
     async def unary(self, key: str, rpc: str, call: Callable[[], Awaitable[T]]) -> T | None:
-        """Times one unary call, retrying transient codes; None when it failed for good."""
-        for attempt in range(RETRIES):
+        """Times one unary call, retrying "try later" refusals; None when it failed for good.
+
+        `key`'s latency is the call that succeeded; for Join, ``Join.total`` includes the retries."""
+        first = time.perf_counter()
+        for attempt in itertools.count():
             t0 = time.perf_counter()
             try:
                 reply = await call()
             except grpc.aio.AioRpcError as err:
-                self.rec.error(rpc, err.code().name)
-                if err.code() in TRANSIENT and attempt + 1 < RETRIES and self.remaining_s() > 2:
-                    await self._backoff(attempt)
+                if await self.retried(rpc, err, attempt):
                     continue
                 self.rec.problem(f"{self.requested_id} {rpc}: {err.code().name} {err.details()}")
                 return None
-            self.rec.ok(key, rpc, (time.perf_counter() - t0) * 1000)
+            done = time.perf_counter()
+            self.rec.ok(key, rpc, (done - t0) * 1000)
+            if key == "Join":
+                self.rec.latency_ms["Join.total"].append((done - first) * 1000)
             return reply
-        return None
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ the protocol
     async def run(self) -> None:
@@ -247,7 +265,7 @@ class SimClient:
             )
         except grpc.aio.AioRpcError as err:
             self.rec.error("PollTask", err.code().name)
-            if err.code() not in TRANSIENT:
+            if RETRY.delay(err, 0, self.jitter) is None:
                 self.rec.problem(f"{self.client_id} PollTask: {err.code().name} {err.details()}")
             return None
         ms = (time.perf_counter() - t0) * 1000
@@ -289,7 +307,7 @@ class SimClient:
     async def download(self, ref: fleet_pb2.ArtifactRef) -> bytes | None:
         """The whole artifact, resuming at its offset after a transient error; digest verified."""
         buf = bytearray()
-        for attempt in range(RETRIES):
+        for attempt in itertools.count():
             t0 = time.perf_counter()
             call = self.stub.DownloadArtifact(
                 fleet_pb2.DownloadRequest(artifact_id=ref.artifact_id, offset=len(buf)),
@@ -304,9 +322,7 @@ class SimClient:
                         return None
                     buf += chunk.data
             except grpc.aio.AioRpcError as err:
-                self.rec.error("DownloadArtifact", err.code().name)
-                if err.code() in TRANSIENT and attempt + 1 < RETRIES and self.remaining_s() > 2:
-                    await self._backoff(attempt)
+                if await self.retried("DownloadArtifact", err, attempt):
                     continue
                 self.rec.problem(f"{self.client_id} download: {err.code().name} {err.details()}")
                 return None
@@ -362,14 +378,12 @@ class SimClient:
             fleet_pb2.UploadMessage(chunk=payload[i : i + DEFAULT_CHUNK_BYTES])
             for i in range(0, len(payload), DEFAULT_CHUNK_BYTES)
         ]
-        for attempt in range(RETRIES):  # a retry reuses the idempotency key: counted once
+        for attempt in itertools.count():  # a retry reuses the idempotency key: counted once
             t0 = time.perf_counter()
             try:
                 ack = await self.stub.UploadUpdate(iter(msgs), timeout=self.timeout(60), metadata=self.md)
             except grpc.aio.AioRpcError as err:
-                self.rec.error("UploadUpdate", err.code().name)
-                if err.code() in TRANSIENT and attempt + 1 < RETRIES and self.remaining_s() > 2:
-                    await self._backoff(attempt)
+                if await self.retried("UploadUpdate", err, attempt):
                     continue
                 self.rec.refused.append(
                     {
@@ -445,6 +459,7 @@ def worker_main(spec: WorkerSpec) -> None:
         "channels": spec.count if spec.channels == 0 else min(spec.channels, spec.count),
         "latency_ms": dict(rec.latency_ms),
         "errors": {k: dict(v) for k, v in rec.errors.items()},
+        "retries": {k: dict(v) for k, v in rec.retries.items()},
         "per_second": {k: {str(s): n for s, n in v.items()} for k, v in rec.per_second.items()},
         "dispatch": rec.dispatch,
         "accepted": rec.accepted,
@@ -645,6 +660,7 @@ def run_workers(args: argparse.Namespace, address: str, out: Path, start_unix: f
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     latency: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, Counter[str]] = defaultdict(Counter)
+    retries: dict[str, Counter[str]] = defaultdict(Counter)
     per_second: dict[str, Counter[int]] = defaultdict(Counter)
     merged: dict[str, Any] = {
         "accepted": [],
@@ -666,6 +682,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             latency[k] += v
         for k, v in r["errors"].items():
             errors[k].update(v)
+        for k, v in r["retries"].items():
+            retries[k].update(v)
         for k, v in r["per_second"].items():
             per_second[k].update({int(s): n for s, n in v.items()})
         for k in ("accepted", "refused", "dispatch", "problems", "loop_lag_ms"):
@@ -674,7 +692,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         merged["cpu_seconds"].append(round(r["cpu_seconds"], 1))
         merged["torch_imported"] |= r["torch_imported"]
         merged["channels"] += r["channels"]
-    merged.update(latency=latency, errors=errors, per_second=per_second)
+    merged.update(latency=latency, errors=errors, retries=retries, per_second=per_second)
     return merged
 
 
@@ -798,6 +816,7 @@ def summarize(
         "torch_imported_by_clients": m["torch_imported"],
         "rpcs": rpcs,
         "errors_by_rpc": {k: dict(v) for k, v in m["errors"].items()},
+        "retries_by_rpc": {k: dict(v) for k, v in m["retries"].items()},
         "round_details": [
             {
                 "round": r.round,
@@ -885,6 +904,9 @@ def print_tables(console: Any, flat: list[dict[str, Any]], s: dict[str, Any], ti
         "client workers: CPU seconds each / event-loop lag p99 ms",
         f"{s['worker_cpu_seconds']} / {fmt_ms(s['worker_loop_lag_p99_ms'])}",
     )
+    by_rpc = s["retries_by_rpc"].items()
+    retried = [f"{rpc}: " + ", ".join(f"{c} x{n}" for c, n in sorted(v.items())) for rpc, v in by_rpc]
+    summary.add_row("retried refusals (rpc: code x n)", "; ".join(sorted(retried)) or "none")
     summary.add_row("client outcomes", ", ".join(f"{k}: {v}" for k, v in sorted(s["client_outcomes"].items())))
     summary.add_row("wall time (coordinator start -> results)", f"{s['wall_seconds']:.1f} s")
     console.print(summary)

@@ -30,6 +30,7 @@ from fedgen.coordinator.rounds import OpenRound
 from fedgen.coordinator.store import BlobCorrupt, BlobStore, StateStore, is_disk_full
 from fedgen.coordinator.strategy import Aggregate, ClientResult, Strategy
 from fedgen.coordinator.transfers import RoundVariants, TransferPlanner
+from fedgen.core.memory import trim_heap
 from fedgen.core.task import TaskIdentity
 from fedgen.export.codec import (
     CodecError,
@@ -503,6 +504,7 @@ class RoundEngine:
             Event("committed", r.round, cohort_size=len(r.cohort), updates_received=len(r.accepted), ledger_row=row)
         )
         self.changed.notify()
+        trim_heap()  # the round's evaluation and uploads are freed: without this RSS drifts up with rounds
 
     async def _prune_updates(self, committed: int) -> None:
         """Retention: deletes the updates of the round that just fell out of the kept window. A blob

@@ -82,6 +82,8 @@ class FedGen(FedAvg):
             generator_artifacts.generator_variant,
             _can_make,
         )
+        makes = [bandwidth.generator_encoding, *(bandwidth.generator_ladder if bandwidth.policy == "adaptive" else ())]
+        generator_artifacts.preload_quantisers(e.codec for e in makes)  # start-up pays, not round 0
         self.device = resolve_device(config.device)
         self.gen_config = GeneratorConfig(
             n_classes=n_classes,

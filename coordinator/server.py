@@ -52,12 +52,15 @@ async def build_federation(config: CoordinatorConfig) -> Federation:
 def coordinator_server_options(server: ServerConfig) -> list[tuple[str, int | str]]:
     """gRPC server options the coordinator's resource limits rely on (pass them to your own
     `grpc.aio.server(options=...)` when you mount it): message size, handshake and idle-connection
-    timeouts, concurrent streams per connection."""
+    timeouts, concurrent streams per connection, the backlog of calls not yet picked up."""
     return [
         *server_options(server.max_message_bytes),
         ("grpc.server_handshake_timeout_ms", int(server.handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", int(server.idle_connection_s * 1000)),
         ("grpc.max_concurrent_streams", server.max_streams_per_connection),
+        ("grpc.server.max_pending_requests", server.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * server.max_pending_calls),
+        ("grpc.server_max_unrequested_time_in_server", server.max_pending_wait_s),
     ]
 
 

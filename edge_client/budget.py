@@ -9,8 +9,6 @@ the decision to decline is testable without a device.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import logging
 import math
@@ -18,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from fedgen.core.memory import trim_heap
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -68,12 +68,25 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def release_free_memory() -> None:
-    """Hands memory freed after a round back to the OS (glibc's malloc_trim), so the next round's
-    baseline is what the process really holds, not what the allocator kept. A no-op elsewhere."""
+def freeze_start_up() -> None:
+    """Collects once, then moves every object alive after start-up (torch, onnxruntime, gRPC, the
+    task's model and data) into the collector's permanent generation (``gc.freeze``).
+
+    A full collection after start-up walks about 180,000 objects and costs a round as much CPU as
+    its 20 training steps (0.1 CPU-s on one x86_64 core) while freeing nothing a round made:
+    frozen, the same collection walks only what the round allocated.
+    """
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    gc.freeze()
+    trim_heap()
+
+
+def release_free_memory() -> None:
+    """Frees what a round left behind (its reference cycles, then glibc's free pages, back to the
+    OS), so the next round's baseline is what the process really holds, not what the allocator
+    kept. Cheap only after ``freeze_start_up()``: the collection then skips start-up's objects."""
+    gc.collect()
+    trim_heap()
 
 
 def available_memory_mib() -> float | None:

@@ -1,11 +1,10 @@
 """The edge client's link to the coordinator: deadlines, retries, resumable transfers.
 
-Every call has a deadline. UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED (a coordinator that
-hangs rather than goes away) are retried with exponential backoff and full jitter, and
-RESOURCE_EXHAUSTED when the coordinator says when to retry (the ``grpc-retry-pushback-ms``
-trailer of a rate limit or a full upload buffer); anything else surfaces as `FleetCallError` with
-the coordinator's message. Downloads resume from the bytes already on disk; uploads retry
-with the same idempotency key so the coordinator counts them once.
+Every call has a deadline. Refusals that mean "try later" are retried as `fedgen.core.retry`
+decides (exponential backoff with full jitter, the server's pushback as a floor); anything else
+surfaces as `FleetCallError` with the coordinator's message. Every call may be retried: polls and
+heartbeats are harmless, downloads resume from the bytes already on disk, uploads carry an
+idempotency key so the coordinator counts them once.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,28 +22,14 @@ from typing import TypeVar
 
 import grpc
 
+from fedgen.core.retry import RetryPolicy
 from fedgen.core.transport import DEFAULT_CHUNK_BYTES, bearer_metadata, channel_options, wire_bytes
 from fedgen.v1 import fleet_pb2, fleet_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Transient: the link dropped or the coordinator restarts. A coordinator that is draining
-# (SIGTERM) answers new calls with UNAVAILABLE or CANCELLED. Every call may be retried: polls and
-# heartbeats are harmless, downloads resume at their offset, uploads carry an idempotency key.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
-#: gRPC's server pushback trailer (gRFC A6): how long to wait before retrying a refused call.
-PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
-
-
-def pushback_s(err: grpc.RpcError) -> float | None:
-    """The wait a refusal asked for, in seconds; None when it carries no pushback."""
-    trailing = getattr(err, "trailing_metadata", None)
-    for key, value in (trailing() if callable(trailing) else None) or ():
-        if key == PUSHBACK_TRAILER and isinstance(value, str) and value.isdigit():
-            return int(value) / 1000
-    return None
+__all__ = ["FleetCallError", "FleetConnection", "RetryPolicy", "TransferStats"]
 
 
 class FleetCallError(RuntimeError):
@@ -55,30 +41,6 @@ class FleetCallError(RuntimeError):
         self.message = message
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 15.0
-    multiplier: float = 2.0
-    # Give up on a call after retrying this long (a device may be offline for a while).
-    give_up_after_s: float = 600.0
-
-    def backoff(self, attempt: int, rng: random.Random) -> float:
-        """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]."""
-        return rng.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt))
-
-    def delay(self, err: grpc.RpcError, attempt: int, rng: random.Random) -> float | None:
-        """How long to wait before retrying `err`'s call; None when retrying cannot help."""
-        code = err.code()
-        if code in RETRYABLE:
-            return self.backoff(attempt, rng)
-        pushback = pushback_s(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-        if pushback is None:
-            return None
-        # At least what the coordinator asked for, jittered so refused clients do not return at once.
-        return min(self.max_backoff_s, pushback) * rng.uniform(1.0, 1.5)
-
-
 @dataclass
 class TransferStats:
     """Bytes and seconds on the wire as this client saw them (serialized messages + gRPC prefix)."""
@@ -88,6 +50,8 @@ class TransferStats:
     seconds_down: float = 0.0
     seconds_up: float = 0.0
     artifacts_from_cache: int = 0
+    # Calls refused with "try later" and retried, by status code name.
+    retries: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -143,6 +107,7 @@ class FleetConnection:
                 delay = self.retry.delay(err, attempt, self._rng)
                 if delay is None or time.monotonic() - started > self.retry.give_up_after_s:
                     raise FleetCallError(code, details) from None
+                self.stats.retries[code.name] += 1
                 _LOGGER.warning("%s: %s (%s); retrying in %.2fs", what, code.name, details, delay)
                 time.sleep(delay)
                 attempt += 1

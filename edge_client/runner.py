@@ -28,6 +28,7 @@ from fedgen.edge.budget import (
     TaskNeeds,
     available_memory_mib,
     effective_budget_mib,
+    freeze_start_up,
     peak_rss_mib,
     plan_task,
     release_free_memory,
@@ -242,6 +243,7 @@ def run_client(settings: ClientSettings) -> ClientSummary:
         _fmt_mib(rss_mib()),
         device.activation_bytes / 1024,
     )
+    freeze_start_up()  # every round's collection then walks only what the round allocated
     tls = settings.use_tls or settings.tls_ca is not None or settings.tls_cert is not None
     conn = FleetConnection(
         settings.coordinator,

@@ -68,7 +68,9 @@ def coordinator(tmp_path: Path):
             },
             # The MNIST subset shipped in the package: no data files needed, so nothing to skip on.
             "data": {"test_data_dir": "builtin"},
-            "auth": {"enrollment_tokens": [TOKEN]},
+            # A tight per-client rate: the client's later calls are refused with a pushback
+            # trailer at first, and must get through by retrying after it.
+            "auth": {"enrollment_tokens": [TOKEN], "client_requests_per_second": 2, "client_burst": 3},
         }
     )
     with LocalFederation(config=config, shards=[], work_dir=tmp_path / "work") as fed:
@@ -137,5 +139,8 @@ def test_node_client_speaks_fleet_from_the_protos_alone(node: str, coordinator: 
     assert "0" * 64 in bad["download_unknown_artifact"]["details"], bad
     assert bad["download_offset_past_end"]["code"] == "OUT_OF_RANGE", bad
     assert bad["heartbeat_after_leave"]["code"] == "UNAUTHENTICATED", bad  # Leave revoked the credential
+    # The rate limit was ridden out by retrying after the server's pushback, and nothing else was retried.
+    assert out["retries"].get("RESOURCE_EXHAUSTED", 0) >= 1, context
+    assert set(out["retries"]) == {"RESOURCE_EXHAUSTED"}, context
     for name, got in bad.items():
         assert got["details"], f"{name} answered {got['code']} without a message"

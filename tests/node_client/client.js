@@ -7,7 +7,8 @@
 // It joins, long-polls PollTask until a TRAIN task arrives, downloads the task's global model
 // in two calls (the first stopped after one small chunk, the second resuming at that offset),
 // verifies its length and sha256, sends a Heartbeat, makes a few deliberately bad calls and
-// records the status each one got, then leaves. It prints one JSON line on stdout; exit status
+// records the status each one got, then leaves. Refusals that mean "try later" are retried with
+// backoff and jitter, honouring the server's pushback. It prints one JSON line on stdout; exit status
 // 0 = every step and every bad call behaved as fleet.proto documents, 1 = a step failed
 // (message on stderr), 2 = bad command line, 3 = a bad call got an unexpected status.
 'use strict';
@@ -91,6 +92,33 @@ function toSafeInt(value, what) {
   return n;
 }
 
+// "Try later" refusals, retried as the Python clients do (fedgen.core.retry): exponential backoff
+// with full jitter, and the server's grpc-retry-pushback-ms trailer (gRFC A6) as a floor.
+const TRY_LATER = new Set([grpc.status.UNAVAILABLE, grpc.status.CANCELLED, grpc.status.DEADLINE_EXCEEDED]);
+const OVERLOAD_DETAILS = ['Too many pending requests', 'Concurrent RPC limit exceeded'];
+const BACKOFF = { initialMs: 500, maxMs: 15000, multiplier: 2 };
+
+function pushbackMs(err) {
+  const values = err && err.metadata ? err.metadata.get('grpc-retry-pushback-ms') : [];
+  const text = values.length ? String(values[0]) : '';
+  return /^[0-9]+$/.test(text) ? Number(text) : null;
+}
+
+// Milliseconds to wait before retrying `err`'s call, or null when retrying cannot help.
+function retryDelayMs(err, attempt) {
+  if (!err || typeof err.code !== 'number') return null;
+  const pushback = pushbackMs(err);
+  if (pushback !== null && (TRY_LATER.has(err.code) || err.code === grpc.status.RESOURCE_EXHAUSTED)) {
+    return Math.min(BACKOFF.maxMs, pushback) * (1 + Math.random() / 2);
+  }
+  const overload = err.code === grpc.status.RESOURCE_EXHAUSTED &&
+    OVERLOAD_DETAILS.some((d) => (err.details || '').includes(d));
+  if (TRY_LATER.has(err.code) || overload) {
+    return Math.random() * Math.min(BACKOFF.maxMs, BACKOFF.initialMs * BACKOFF.multiplier ** attempt);
+  }
+  return null;
+}
+
 class Fleet {
   constructor(Service, address, deadlineAt) {
     this.client = new Service(address, grpc.credentials.createInsecure(), {
@@ -98,6 +126,23 @@ class Fleet {
       'grpc.max_send_message_length': 4 * 1024 * 1024,
     });
     this.deadlineAt = deadlineAt; // overall budget, ms since epoch
+    this.retries = {}; // status name -> calls refused with "try later" and retried
+  }
+
+  // Runs `attempt` (a function returning a promise) until it succeeds, fails for a reason
+  // retrying cannot fix, or the overall budget would be spent waiting.
+  async withRetry(attempt) {
+    for (let n = 0; ; n++) {
+      try {
+        return await attempt();
+      } catch (err) {
+        const delay = retryDelayMs(err, n);
+        if (delay === null || this.remainingMs() < delay + 1000) throw err;
+        const name = codeName(err.code);
+        this.retries[name] = (this.retries[name] || 0) + 1;
+        await sleep(delay);
+      }
+    }
   }
 
   // A call's deadline: `ms` from now, never past the overall budget.
@@ -110,15 +155,19 @@ class Fleet {
   }
 
   unary(method, request, metadata, callMs = 15000) {
-    return new Promise((resolve, reject) => {
+    return this.withRetry(() => new Promise((resolve, reject) => {
       this.client[method](request, metadata || new grpc.Metadata(), { deadline: this.deadline(callMs) },
         (err, response) => (err ? reject(err) : resolve(response)));
-    });
+    }));
   }
 
   // Server stream: resolves with the chunks received. With `stopAfterOne`, cancels the call
   // after the first chunk (what an interrupted download looks like to the server).
-  download(request, metadata, { stopAfterOne = false, callMs = 30000 } = {}) {
+  download(request, metadata, options = {}) {
+    return this.withRetry(() => this.downloadOnce(request, metadata, options));
+  }
+
+  downloadOnce(request, metadata, { stopAfterOne = false, callMs = 30000 } = {}) {
     return new Promise((resolve, reject) => {
       const chunks = [];
       let cancelled = false;
@@ -301,6 +350,7 @@ async function main() {
       resume_chunks: rest.length,
       heartbeat_round: toSafeInt(beat.current_round, 'current_round'),
       bad_calls: badCalls,
+      retries: fleet.retries,
     };
     process.stdout.write(JSON.stringify(result) + '\n');
 
