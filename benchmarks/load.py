@@ -12,7 +12,9 @@ a device does:
            state plus small noise (header, then 64 KiB chunks; idempotency key, num_examples,
            label counts summing to it; retried with the same key on a transient status);
     WAIT:  sleep retry_after_ms;  DONE: Leave and stop.
-  A Heartbeat whenever heartbeat_interval_ms (from Join) has passed.
+  A Heartbeat when heartbeat_interval_ms (from Join) has passed since the client's last call: a
+  long poll is itself the proof of life (fleet.proto), so as with the edge client, idle clients
+  that keep polling send none. A Heartbeat is not retried: the next one says the same.
 
 A client's first poll after Join and after each upload asks max_wait_ms=0 (a short poll the
 server answers at once); the others are long polls of `--poll-wait-ms`, which the server holds
@@ -182,7 +184,7 @@ class SimClient:
         await asyncio.sleep(delay)
         return True
 
-    async def unary(self, key: str, rpc: str, call: Callable[[], Awaitable[T]]) -> T | None:
+    async def unary(self, key: str, rpc: str, call: Callable[[], Awaitable[T]], retry: bool = True) -> T | None:
         """Times one unary call, retrying "try later" refusals; None when it failed for good.
 
         `key`'s latency is the call that succeeded; for Join, ``Join.total`` includes the retries."""
@@ -192,8 +194,10 @@ class SimClient:
             try:
                 reply = await call()
             except grpc.aio.AioRpcError as err:
-                if await self.retried(rpc, err, attempt):
+                if retry and await self.retried(rpc, err, attempt):
                     continue
+                if not retry:
+                    self.rec.error(rpc, err.code().name)
                 self.rec.problem(f"{self.requested_id} {rpc}: {err.code().name} {err.details()}")
                 return None
             done = time.perf_counter()
@@ -269,6 +273,7 @@ class SimClient:
                 self.rec.problem(f"{self.client_id} PollTask: {err.code().name} {err.details()}")
             return None
         ms = (time.perf_counter() - t0) * 1000
+        self.last_heartbeat = time.monotonic()  # an answered poll proves this client alive, as a Heartbeat would
         kind = task.WhichOneof("kind")
         if kind is None:
             self.rec.error("PollTask", "EMPTY_TASK")
@@ -295,6 +300,7 @@ class SimClient:
             lambda: self.stub.Heartbeat(
                 fleet_pb2.HeartbeatRequest(busy=busy), timeout=self.timeout(15), metadata=self.md
             ),
+            retry=False,
         )
 
     async def leave(self, reason: str) -> None:
