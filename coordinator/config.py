@@ -119,11 +119,11 @@ class ServerConfig(_Section):
     max_calls_per_client: int = Field(8, ge=3, le=10_000)
     max_calls_in_flight: int = Field(50_000, ge=16, le=10_000_000)
     # Calls that have arrived but the event loop has not picked up yet (gRPC's server backlog: a
-    # burst of Joins from a fleet coming online). From `max_pending_calls` on, a new call is refused
-    # at random with a probability rising to 1 at twice as many (RESOURCE_EXHAUSTED "Too many pending
-    # requests"); one left waiting longer than `max_pending_wait_s` is cancelled (CANCELLED). Both
-    # mean "try later": clients retry them with backoff and jitter (`fedgen.core.retry`). gRPC's
-    # defaults (1,000 and 30 s) refuse a fleet of a few thousand that joins within seconds.
+    # burst of Joins from a fleet coming online). Past `max_pending_calls` gRPC refuses new calls
+    # (RESOURCE_EXHAUSTED "Too many pending requests" on its newer call path, CANCELLED on the one
+    # grpcio 1.85's asyncio server uses, as measured); one left waiting longer than
+    # `max_pending_wait_s` is cancelled (CANCELLED). Both mean "try later": clients retry them with
+    # backoff and jitter (`fedgen.core.retry`). gRPC's defaults are 1,000 and 30 s.
     max_pending_calls: int = Field(20_000, ge=1, le=1_000_000)
     max_pending_wait_s: int = Field(20, ge=1, le=600)
     # An upload whose next message does not arrive this long is ended (DEADLINE_EXCEEDED) and

@@ -49,10 +49,11 @@ def preload_quantisers(codecs: Iterable[str]) -> None:
     """Imports now the quantisers `codecs` will need, so the first round that makes such a variant
     does not wait for them (onnxruntime's 4-bit quantiser and onnx-ir take about 0.75 s)."""
     wanted = set(codecs)
-    with contextlib.suppress(ImportError):
-        if "int8" in wanted:
+    if "int8" in wanted:
+        with contextlib.suppress(ImportError):
             import onnxruntime.quantization.shape_inference
-        if "fp16" in wanted:
+    if "fp16" in wanted:
+        with contextlib.suppress(ImportError):
             import onnxruntime.transformers.float16  # noqa: F401
     if "int4" in wanted:
         int4_available()
