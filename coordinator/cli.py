@@ -100,6 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             overrides["server"] = {"address": args.address}
         if args.state_dir:
             overrides["state_dir"] = str(args.state_dir)
+        if args.metrics_address:
+            overrides["metrics"] = {"address": args.metrics_address}
         config = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"fedgen serve: invalid config: {err}", file=sys.stderr)
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="override server.address, e.g. 0.0.0.0:50051")
     serve.add_argument("--state-dir", type=Path, help="override state_dir")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.add_argument(
+        "--metrics-address", help="override metrics.address: serve Prometheus metrics here, e.g. 127.0.0.1:9464"
+    )
     serve.add_argument(
         "--exit-when-finished",
         action="store_true",

@@ -443,6 +443,14 @@ class RetentionConfig(_Section):
     keep_update_rounds: int = Field(0, ge=0, le=1_000_000)
 
 
+class MetricsConfig(_Section):
+    """Prometheus's scrape endpoint (``http://<address>/metrics``); none unless an address is set."""
+
+    # host:port, e.g. "127.0.0.1:9464" (0 picks a free port). Metrics carry no secrets, but say
+    # how many clients there are and what they send: bind beyond loopback only on purpose.
+    address: str | None = Field(None, min_length=3, max_length=300)
+
+
 class CoordinatorConfig(_Section):
     # Default: $XDG_STATE_HOME/fedgen/coordinator (~/.local/state/...); "~" is expanded.
     state_dir: str = Field(default_factory=default_state_dir)
@@ -456,6 +464,7 @@ class CoordinatorConfig(_Section):
     bandwidth: BandwidthConfig = BandwidthConfig()
     robust: RobustConfig = RobustConfig()
     retention: RetentionConfig = RetentionConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _no_public_tokens_beyond_loopback(self) -> CoordinatorConfig:

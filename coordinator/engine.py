@@ -344,7 +344,11 @@ class RoundEngine:
         await self.store.open_round(r.record())
         self.open_round = r
         _LOGGER.info("round %d (attempt %d) opened with cohort %s", round_, attempt, sorted(cohort))
-        self.bus.emit(Event("opened", round_, cohort_size=len(cohort)))
+        self.bus.emit(
+            Event(
+                "opened", round_, cohort_size=len(cohort), eligible=len(eligible), connected=self.registry.connected()
+            )
+        )
         self.wakers.wake(cohort)
         self.changed.notify()
 
@@ -602,6 +606,27 @@ class RoundEngine:
         r = self.open_round
         if r is not None and client_id in r.cohort:
             r.bytes_up[client_id] += nbytes
+
+    def describe_artifact(self, client_id: str, artifact_id: str) -> tuple[str, str]:
+        """(kind, encoding) of an artifact a client downloads, for metrics: from its plan for the
+        open round; ("model", "fp32") for the global model outside one; ("other", "") otherwise."""
+        r = self.open_round
+        plan = r.plans.get(client_id) if r is not None else None
+        if plan is not None:
+            if plan.model.sha256 == artifact_id:
+                return "model", plan.model.name
+            for kind, variant in plan.artifacts.items():
+                if variant.sha256 == artifact_id:
+                    return kind, variant.name
+        if artifact_id == self.global_model_sha:
+            return "model", "fp32"
+        return "other", ""
+
+    def upload_encoding(self, client_id: str) -> str:
+        """The encoding a client's update travels in this round (its plan's), for metrics."""
+        r = self.open_round
+        plan = r.plans.get(client_id) if r is not None else None
+        return plan.upload.name if plan is not None else "fp32"
 
     def is_published(self, artifact_id: str) -> bool:
         """Whether clients may download it: the global model and the open round's artifacts."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,15 +29,22 @@ class Event:
     message: str = ""
     cohort_size: int = 0
     updates_received: int = 0
+    eligible: int = 0  # "opened": clients the cohort was sampled from
+    connected: int = 0  # "opened": clients alive then
     ledger_row: LedgerRow | None = None
     unix_ms: int = field(default_factory=now_ms)
 
 
 class EventBus:
-    """Fan-out of events to subscribers' queues."""
+    """Fan-out of events to subscribers' queues, and to listeners called in line (metrics)."""
 
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Calls ``listener`` with every event as it is emitted (it must be quick and must not raise)."""
+        self._listeners.append(listener)
 
     def subscribe(self) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=QUEUE_SIZE)
@@ -48,6 +55,8 @@ class EventBus:
         self._subscribers.discard(queue)
 
     def emit(self, event: Event) -> None:
+        for listener in self._listeners:
+            listener(event)
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)

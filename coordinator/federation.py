@@ -21,6 +21,7 @@ from fedgen.coordinator.events import ChangeSignal, Event, EventBus, PollWakers
 from fedgen.coordinator.exports import ExportedModel, ModelChoice, export_chosen
 from fedgen.coordinator.intake import UploadHeader, UploadIntake, UploadResult
 from fedgen.coordinator.ledger import LedgerRow
+from fedgen.coordinator.metrics import FederationMetrics
 from fedgen.coordinator.model import ModelContract
 from fedgen.coordinator.records import ClientProfile
 from fedgen.coordinator.registry import ClientRegistry
@@ -51,6 +52,8 @@ class Federation:
         self.store = store
         self.blobs = blobs
         self.bus = EventBus()
+        self.metrics = FederationMetrics()
+        self.bus.listen(self.metrics.observe)
         changed, wakers = ChangeSignal(), PollWakers()
         self.registry = ClientRegistry(store, config.auth, config.federation.heartbeat_timeout_s, model.identity)
         transfers = TransferPlanner(config.bandwidth, blobs, model.tensor_shapes(), strategy.artifact_specs())
@@ -166,6 +169,12 @@ class Federation:
 
     def record_download(self, client_id: str, nbytes: int) -> None:
         self.engine.record_download(client_id, nbytes)
+
+    def describe_artifact(self, client_id: str, artifact_id: str) -> tuple[str, str]:
+        return self.engine.describe_artifact(client_id, artifact_id)
+
+    def upload_encoding(self, client_id: str) -> str:
+        return self.engine.upload_encoding(client_id)
 
     def record_upload(self, client_id: str, nbytes: int) -> None:
         self.engine.record_upload(client_id, nbytes)

@@ -10,11 +10,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fedgen.coordinator.auth import AuthInterceptor, RateLimiter
+from fedgen.coordinator.auth import CONTROL_PREFIX, FLEET_PREFIX, AuthInterceptor, RateLimiter
 from fedgen.coordinator.call_slots import CallSlots
 from fedgen.coordinator.config import CoordinatorConfig, ServerConfig, check_exposure
 from fedgen.coordinator.federation import Federation
 from fedgen.coordinator.file_blobs import FileBlobStore
+from fedgen.coordinator.metrics import MetricsEndpoint, RpcMetricsInterceptor, serve_metrics
 from fedgen.coordinator.servicers import ControlServicer, FleetServicer
 from fedgen.coordinator.sqlite_store import SqliteStateStore
 from fedgen.coordinator.state_lock import StateDirLock
@@ -75,7 +76,11 @@ def coordinator_interceptors(federation: Federation) -> list[grpc.aio.ServerInte
     server = federation.config.server
     slots = CallSlots(server.max_calls_in_flight, server.max_calls_per_client)
     certified_ids = server.tls.client_id_from_certificate
-    return [AuthInterceptor(federation, auth.operator_hash(), limiter, federation.registry.peers, slots, certified_ids)]
+    return [
+        # First, so that calls the auth interceptor refuses are timed and counted too.
+        RpcMetricsInterceptor(federation.metrics, (FLEET_PREFIX, CONTROL_PREFIX)),
+        AuthInterceptor(federation, auth.operator_hash(), limiter, federation.registry.peers, slots, certified_ids),
+    ]
 
 
 def add_servicers(
@@ -105,6 +110,7 @@ class RunningCoordinator:
     federation: Federation
     health: health.aio.HealthServicer
     engine_task: asyncio.Task[None] | None = None
+    metrics: MetricsEndpoint | None = None  # Prometheus's /metrics, when metrics.address is set
 
     # Whether this object owns the server (create_server) or only rides on it (mount).
     owns_server: bool = True
@@ -131,6 +137,8 @@ class RunningCoordinator:
             self.engine_task.cancel()
         if self.owns_server:
             await self.server.stop(grace_s)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         await self.federation.close()
 
 
@@ -149,7 +157,13 @@ async def mount(
     await running.stop()                          # your server keeps running
     """
     health_servicer = add_servicers(server, federation, health_servicer)
-    return RunningCoordinator(server, 0, federation, health_servicer, owns_server=False)
+    endpoint = _serve_metrics(federation)
+    return RunningCoordinator(server, 0, federation, health_servicer, owns_server=False, metrics=endpoint)
+
+
+def _serve_metrics(federation: Federation) -> MetricsEndpoint | None:
+    address = federation.config.metrics.address
+    return serve_metrics(federation.metrics, address) if address is not None else None
 
 
 async def create_server(
@@ -183,8 +197,13 @@ async def create_server(
         raise OSError(
             f"cannot bind server.address {address!r} (expected host:port, e.g. 0.0.0.0:50051, and a port that is free)"
         )
+    try:
+        endpoint = _serve_metrics(federation)
+    except OSError:
+        await server.stop(0)
+        raise
     await server.start()
-    running = RunningCoordinator(server, port, federation, health_servicer)
+    running = RunningCoordinator(server, port, federation, health_servicer, metrics=endpoint)
     await running.start_engine()
     _LOGGER.info("coordinator listening on port %d (federation %s)", port, federation.federation_id)
     return running

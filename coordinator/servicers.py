@@ -142,6 +142,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         client_id = self._client(context)
         self.fed.record_upload(client_id, wire_bytes(request.ByteSize()))
         data = await self.fed.artifact_bytes(request.artifact_id)
+        kind, encoding = self.fed.describe_artifact(client_id, request.artifact_id)
         if request.offset > len(data):
             raise errors.OutOfRange(f"offset {request.offset} is beyond the artifact's {len(data)} bytes")
         # A floor, so a 1-byte chunk request cannot make the server send one message per byte.
@@ -151,7 +152,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             msg = fleet_pb2.ArtifactChunk(
                 artifact_id=request.artifact_id, offset=offset, data=data[offset : offset + chunk], total_size=len(data)
             )
-            self.fed.record_download(client_id, wire_bytes(msg.ByteSize()))
+            nbytes = wire_bytes(msg.ByteSize())
+            self.fed.record_download(client_id, nbytes)
+            self.fed.metrics.count_artifact("down", kind, encoding, nbytes)
             yield msg
             offset += chunk
             if not data:
@@ -162,6 +165,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self, request_iterator: AsyncIterator[fleet_pb2.UploadMessage], context: Context
     ) -> fleet_pb2.UploadAck:
         client_id = self._client(context)
+        try:
+            return await self._upload(client_id, request_iterator)
+        except errors.FederationError as err:
+            self.fed.metrics.updates_rejected.labels(err.code.name).inc()
+            raise
+
+    async def _upload(
+        self, client_id: str, request_iterator: AsyncIterator[fleet_pb2.UploadMessage]
+    ) -> fleet_pb2.UploadAck:
         stream = request_iterator.__aiter__()
         try:
             first = await stream.__anext__()
@@ -182,6 +194,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             if is_disk_full(err):
                 raise disk_full_error(err) from None
             raise
+        if not result.duplicate:
+            self.fed.metrics.count_artifact("up", "update", self.fed.upload_encoding(client_id), result.received_bytes)
         ack = wire.upload_result_to_proto(result)
         self.fed.record_download(client_id, wire_bytes(ack.ByteSize()))
         return ack
