@@ -217,10 +217,12 @@ def test_budget_and_conditions_decide_who_is_sampled(mnist_dir: Path, tmp_path: 
             control.Pause(control_pb2.PauseRequest(), timeout=5)  # round 0 waits for all three
             fed.start_clients(TOKEN)
             until = time.monotonic() + 180
-            while control.GetStatus(control_pb2.GetStatusRequest(), timeout=5).connected_clients < 3:
-                assert time.monotonic() < until, "clients did not join"
-                time.sleep(0.2)
+            # Eligible means joined and heard from since with the credential (a first poll): wait for both.
             status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
+            while status.connected_clients < 3 or status.eligible_clients < 2:
+                assert time.monotonic() < until, f"clients did not join and poll: {status}"
+                time.sleep(0.2)
+                status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
             assert status.eligible_clients == 2  # client-02 is connected but not ready
             control.Resume(control_pb2.ResumeRequest(), timeout=5)
         events = list(fed.events(timeout_s=300))
